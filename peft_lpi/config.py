@@ -1,0 +1,132 @@
+"""Configuration of the LPI PEFT method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+LPI_PEFT_TYPE = "LPI"
+LPI_CONFIG_FORMAT_VERSION = 1
+
+_TOWERS = ("both", "vision", "text")
+_ROUTING_METRICS = ("l1", "l2", "cosine")
+
+
+@dataclass
+class LPIConfig(PeftConfig):
+    """Configuration of LPI: low-rank, cross-modally correlated deep prompts, one factor set per continual task.
+
+    For task t, with K = `prompt_depth` prompted layers, P = `prompt_length` tokens and rank r, the prompts of
+    modality m are the rank-r CP tensor `prompt[l, p, d] = (1/r) * sum_k A[l, k] * B_m[p, k] * C_m[d, k]`, where the
+    layer factor A is shared by both modalities (the cross-modal interaction). See `docs/method.md`.
+    """
+
+    num_tasks: int = field(default=1, metadata={"help": "Number of continual tasks; one factor set per task."})
+    prompt_length: int = field(default=16, metadata={"help": "P: prompt tokens inserted before each prompted layer."})
+    prompt_depth: int = field(
+        default=9,
+        metadata={
+            "help": "K: number of leading encoder layers of each tower that receive prompts (VPT-deep). Capped by "
+            "the shallower prompted tower. 1 reproduces what the authors' retrieval code actually ran."
+        },
+    )
+    rank: int = field(default=4, metadata={"help": "r: rank of the CP decomposition of each task's prompts."})
+    towers: Literal["both", "vision", "text"] = field(
+        default="both", metadata={"help": "Which towers receive prompts: 'both' (LPI), 'vision' or 'text'."}
+    )
+    share_layer_factor: bool = field(
+        default=True,
+        metadata={
+            "help": "Share the layer factor A between the two modalities (LPI's interaction). False is the "
+            "ablation where each modality has its own layer factor."
+        },
+    )
+    init_std: float = field(default=0.5, metadata={"help": "Std of the normal init of every CP factor (reference: 0.5)."})
+    interaction: bool = field(
+        default=True,
+        metadata={
+            "help": "Multi-modal correlation module: couple the visual and textual prompts of each task at every "
+            "prompted layer l >= 1 through rank-r CP maps and a LayerNorm per modality."
+        },
+    )
+    interaction_alpha: float = field(
+        default=0.1, metadata={"help": "a: mixing coefficient of the correlation module (reference: 0.1)."}
+    )
+    # Objective (used by `LPIObjective`; stored here so a saved adapter documents how it was trained).
+    align_weight: float = field(default=0.1, metadata={"help": "w_align: weight of the hierarchical alignment loss."})
+    align_layer_temperature: float = field(default=0.01, metadata={"help": "tau of the layer-level alignment."})
+    align_token_temperature: float = field(default=0.01, metadata={"help": "tau of the token-level alignment."})
+    align_normalize: bool = field(
+        default=False,
+        metadata={"help": "L2-normalise the reduced prompts before alignment (False reproduces the retrieval code)."},
+    )
+    task_weight: float = field(default=0.1, metadata={"help": "w_task: weight of the task contrastive constraint."})
+    task_temperature: float = field(default=0.001, metadata={"help": "tau_task of the task constraint."})
+    task_similarity_threshold: float = field(
+        default=0.4, metadata={"help": "Tasks whose semantic similarity exceeds this are positives."}
+    )
+    task_loss_double_sigmoid: bool = field(
+        default=False,
+        metadata={"help": "Reproduce the authors' bug of applying the sigmoid twice in the task loss (compat only)."},
+    )
+    # Task identity at inference.
+    num_keys: int = field(default=5, metadata={"help": "k of the k-means task keys per task and modality."})
+    routing_metric: Literal["l1", "l2", "cosine"] = field(
+        default="l1", metadata={"help": "Distance from a query to a task key: 'l1' (reference), 'l2' or 'cosine'."}
+    )
+    # Architecture overrides.
+    layer_paths: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Override of where the encoder layers live, e.g. {'vision': 'vision_model.encoder.layers', "
+            "'text': 'text_model.encoder.layers'} (dotted paths from the base model)."
+        },
+    )
+    text_causal: bool | None = field(
+        default=None,
+        metadata={"help": "Whether the text tower is causal (prompts after BOS visible to later tokens). None: detect."},
+    )
+    format_version: int = field(
+        default=LPI_CONFIG_FORMAT_VERSION, metadata={"help": "Version of the LPI adapter format (set by the library)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LPI_PEFT_TYPE
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LPIConfig.{name} must be a positive integer, got {value!r}.")
+
+        for name in ("num_tasks", "prompt_length", "prompt_depth", "rank", "num_keys"):
+            positive_int(name)
+        if self.towers not in _TOWERS:
+            raise ValueError(f"LPIConfig.towers must be one of {_TOWERS}, got {self.towers!r}.")
+        if self.routing_metric not in _ROUTING_METRICS:
+            raise ValueError(f"LPIConfig.routing_metric must be one of {_ROUTING_METRICS}, got {self.routing_metric!r}.")
+        if not self.init_std > 0:
+            raise ValueError(f"LPIConfig.init_std must be > 0, got {self.init_std}.")
+        if not 0.0 <= self.interaction_alpha <= 1.0:
+            raise ValueError(f"LPIConfig.interaction_alpha must lie in [0, 1], got {self.interaction_alpha}.")
+        for name in ("align_layer_temperature", "align_token_temperature", "task_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LPIConfig.{name} must be > 0, got {getattr(self, name)}.")
+        if self.layer_paths is not None:
+            unknown = set(self.layer_paths) - {"vision", "text"}
+            if unknown:
+                raise ValueError(f"LPIConfig.layer_paths keys must be 'vision' and/or 'text', got {sorted(unknown)}.")
+        if self.format_version > LPI_CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"This adapter was written by a newer peft_lpi (format version {self.format_version}; this install "
+                f"reads up to {LPI_CONFIG_FORMAT_VERSION}). Upgrade with `pip install -U peft_lpi`."
+            )
+
+    @property
+    def prompted_modalities(self) -> tuple[str, ...]:
+        """The modalities that receive prompts, in a fixed order."""
+        return ("vision", "text") if self.towers == "both" else (self.towers,)

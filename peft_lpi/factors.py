@@ -1,0 +1,189 @@
+"""The prompt factors of LPI: per-task CP factors, the multi-modal correlation module, and prompt generation.
+
+For task t, K prompted layers, P tokens, rank r and hidden sizes D_v, D_w (LPI_METHOD.md):
+
+    A_t    (K, r)      layer factor, shared by both modalities (the cross-modal interaction)
+    B_t^m  (P, r)      token factor of modality m
+    C_t^m  (D_m, r)    hidden factor of modality m
+    prompt_t^m[l, p, d] = (1/r) * sum_k A_t[l, k] * B_t^m[p, k] * C_t^m[d, k]
+
+The correlation module couples the two modalities' prompts of one task at every layer l >= 1 with rank-r CP maps
+W_v2t (D_v+1 -> D_w) and W_t2v (D_w+1 -> D_v) and a LayerNorm per modality.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+VISION, TEXT = "vision", "text"
+
+
+class CorrelationModule(nn.Module):
+    """Multi-modal correlation of one task's prompts (layers 1..K-1).
+
+    W_v2t(l) = (1/r) sum_k L[l,k] In[:,k] Out[:,k]^T is never materialised: `[p_v, 1] @ W_v2t(l)` is computed as
+    `(([p_v, 1] @ In) * L[l]) @ Out^T / r`, which costs O(P (D_v + D_w) r) per layer.
+
+    The LayerNorms' affine weight starts at the expected std of the CP prompts (init_std**3 / sqrt(r)), so the module
+    keeps the prompt scale at initialisation instead of inflating prompts of ~0.06 to unit variance.
+    """
+
+    def __init__(self, depth: int, vision_size: int, text_size: int, rank: int, init_std: float, alpha: float):
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        layers = depth - 1
+        self.v2t_layer = nn.Parameter(torch.randn(layers, rank) * init_std)
+        self.v2t_in = nn.Parameter(torch.randn(vision_size + 1, rank) * init_std)
+        self.v2t_out = nn.Parameter(torch.randn(text_size, rank) * init_std)
+        self.t2v_layer = nn.Parameter(torch.randn(layers, rank) * init_std)
+        self.t2v_in = nn.Parameter(torch.randn(text_size + 1, rank) * init_std)
+        self.t2v_out = nn.Parameter(torch.randn(vision_size, rank) * init_std)
+        prompt_std = init_std**3 / math.sqrt(rank)
+        self.vision_norm = nn.LayerNorm(vision_size)
+        self.text_norm = nn.LayerNorm(text_size)
+        for norm in (self.vision_norm, self.text_norm):
+            nn.init.constant_(norm.weight, prompt_std)
+
+    @staticmethod
+    def _project(source: torch.Tensor, layer: torch.Tensor, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # source: (L, P, D_in) -> (L, P, D_out); layer: (L, r), inp: (D_in + 1, r), out: (D_out, r)
+        ones = source.new_ones(*source.shape[:-1], 1)
+        coeffs = torch.cat([source, ones], dim=-1) @ inp  # (L, P, r)
+        return (coeffs * layer[:, None, :]) @ out.T / inp.shape[-1]
+
+    def forward(self, vision: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """vision (K, P, D_v), text (K, P, D_w) -> coupled prompts of the same shapes; layer 0 is unchanged.
+
+        Both updates read the prompts as they were before either update.
+        """
+        if vision.shape[0] < 2:
+            return vision, text
+        v, w = vision[1:], text[1:]
+        a = self.alpha
+        new_w = self.text_norm((1 - a) * w + a * self._project(v, self.v2t_layer, self.v2t_in, self.v2t_out))
+        new_v = self.vision_norm((1 - a) * v + a * self._project(w, self.t2v_layer, self.t2v_in, self.t2v_out))
+        return torch.cat([vision[:1], new_v], dim=0), torch.cat([text[:1], new_w], dim=0)
+
+
+class LPITaskFactors(nn.Module):
+    """The trainable factors of one task. Each task owns separate Parameters so earlier tasks freeze exactly."""
+
+    def __init__(
+        self,
+        depth: int,
+        prompt_length: int,
+        rank: int,
+        hidden_sizes: dict[str, int],
+        share_layer_factor: bool,
+        init_std: float,
+        interaction: bool,
+        alpha: float,
+    ):
+        super().__init__()
+        self.rank = rank
+        self.modalities = tuple(m for m in (VISION, TEXT) if m in hidden_sizes)
+
+        def normal(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape) * init_std)
+
+        self.share_layer_factor = share_layer_factor or len(self.modalities) == 1
+        if self.share_layer_factor:
+            self.layer_factor = normal(depth, rank)  # A: (K, r), common to both modalities
+        else:
+            self.layer_factors = nn.ParameterDict({m: normal(depth, rank) for m in self.modalities})
+        self.token_factors = nn.ParameterDict({m: normal(prompt_length, rank) for m in self.modalities})
+        self.hidden_factors = nn.ParameterDict({m: normal(hidden_sizes[m], rank) for m in self.modalities})
+        self.correlation = None
+        if interaction and len(self.modalities) == 2 and depth > 1:
+            self.correlation = CorrelationModule(
+                depth, hidden_sizes[VISION], hidden_sizes[TEXT], rank, init_std, alpha
+            )
+
+    def layer_factor_of(self, modality: str) -> torch.Tensor:
+        return self.layer_factor if self.share_layer_factor else self.layer_factors[modality]
+
+    def raw_prompts(self, modality: str) -> torch.Tensor:
+        """The CP prompts of one modality before the correlation module: (K, P, D_m)."""
+        a = self.layer_factor_of(modality)
+        b = self.token_factors[modality]
+        c = self.hidden_factors[modality]
+        return torch.einsum("lk,pk,dk->lpd", a, b, c) / self.rank
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """Prompts of every prompted modality, after the correlation module: {modality: (K, P, D_m)}."""
+        prompts = {m: self.raw_prompts(m) for m in self.modalities}
+        if self.correlation is not None:
+            prompts[VISION], prompts[TEXT] = self.correlation(prompts[VISION], prompts[TEXT])
+        return prompts
+
+
+class LPIPromptBank(nn.Module):
+    """All tasks' factors of one adapter plus their routing keys (buffers, saved with the adapter)."""
+
+    def __init__(
+        self,
+        num_tasks: int,
+        depth: int,
+        prompt_length: int,
+        rank: int,
+        hidden_sizes: dict[str, int],
+        key_sizes: dict[str, int],
+        num_keys: int,
+        share_layer_factor: bool = True,
+        init_std: float = 0.5,
+        interaction: bool = True,
+        alpha: float = 0.1,
+    ):
+        super().__init__()
+        self.depth, self.prompt_length, self.rank = depth, prompt_length, rank
+        self.hidden_sizes = dict(hidden_sizes)
+        self._factor_kwargs = dict(
+            depth=depth,
+            prompt_length=prompt_length,
+            rank=rank,
+            hidden_sizes=self.hidden_sizes,
+            share_layer_factor=share_layer_factor,
+            init_std=init_std,
+            interaction=interaction,
+            alpha=alpha,
+        )
+        self.tasks = nn.ModuleList([LPITaskFactors(**self._factor_kwargs) for _ in range(num_tasks)])
+        # Task keys: (T, k, D_embed) per modality, NaN until the task's keys are built; `has_keys` marks tasks with keys.
+        for modality, size in key_sizes.items():
+            self.register_buffer(f"{modality}_keys", torch.full((num_tasks, num_keys, size), float("nan")))
+        self.register_buffer("has_keys", torch.zeros(num_tasks, dtype=torch.bool))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in (VISION, TEXT) if m in self.hidden_sizes)
+
+    def add_task(self) -> int:
+        """Append a freshly initialised task (factors on the device of the existing ones); returns its index."""
+        reference = next(self.parameters())
+        self.tasks.append(LPITaskFactors(**self._factor_kwargs).to(reference.device))
+        for name, buffer in list(self.named_buffers(recurse=False)):
+            pad_value = False if buffer.dtype == torch.bool else float("nan")
+            pad = torch.full((1, *buffer.shape[1:]), pad_value, dtype=buffer.dtype, device=buffer.device)
+            setattr(self, name, torch.cat([buffer, pad], dim=0))
+        return self.num_tasks - 1
+
+    def task_prompts(self, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Prompts of the given tasks, each task computed once: {modality: (len(task_ids), K, P, D_m)} in fp32."""
+        per_task = [self.tasks[int(t)]() for t in task_ids.tolist()]
+        return {m: torch.stack([p[m] for p in per_task]) for m in self.modalities}
+
+    def prompts_for_samples(self, modality: str, sample_tasks: torch.Tensor) -> torch.Tensor:
+        """Per-sample prompts (B, K, P, D_m): each distinct task computed once, then gathered per sample."""
+        unique, inverse = torch.unique(sample_tasks, return_inverse=True)
+        prompts = self.task_prompts(unique.cpu())[modality]  # (U, K, P, D)
+        return prompts.index_select(0, inverse.to(prompts.device))
+
+    def count_parameters(self) -> int:
+        return sum(p.numel() for p in self.tasks[0].parameters()) if self.num_tasks else 0
