@@ -23,7 +23,7 @@ from .config import LPIConfig
 from .factors import VISION, LPIPromptBank, LPITaskFactors
 from .io import CheckpointError, TASK_FILE_FORMAT, TASK_FILE_VERSION, read_task_file, save_tensors_atomic
 from .layer import LPIPromptedLayer
-from .routing import nearest_task
+from .routing import kmeans, nearest_task
 
 AUTO = "auto"
 TaskSelection = int | torch.Tensor | str
@@ -335,6 +335,19 @@ class LPIModel(BaseTuner):
             repeat = torch.arange(num_keys) % centres.shape[0]
             buffer[task] = centres[repeat].to(buffer)
         bank.has_keys[task] = True
+
+    def build_task_keys(self, task: int, *, vision: Any = None, text: Any = None, seed: int = 0) -> None:
+        """k-means (k = LPIConfig.num_keys) on a task's L2-normalised prompt-free features, stored as its keys.
+
+        `vision` / `text` are (N, D) tensors or callables returning a fresh iterator of (n, D) chunks (streaming).
+        """
+        k = self.active_config.num_keys
+        centres = {
+            modality: kmeans(features, k, seed=seed, normalize=True)
+            for modality, features in (("vision", vision), ("text", text))
+            if features is not None
+        }
+        self.set_task_keys(task, **centres)
 
     def route(self, modality: str, features: torch.Tensor) -> torch.Tensor:
         """Task of each sample: the task whose nearest key is closest (LPIConfig.routing_metric)."""

@@ -111,7 +111,8 @@ def _lloyd_pass(
             continue
         # exact per-pair distances: the result of a row does not depend on the chunking
         d = torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist")  # (n, k)
-        dmin, assign = d.min(dim=1)  # (n,), (n,)
+        assign = d.argmin(dim=1)  # (n,)  (argmin + gather: Tensor.min(dim) is much slower on CPU)
+        dmin = d.gather(1, assign[:, None]).squeeze(1)  # (n,)
         sums.index_add_(0, assign, x.double())
         counts.index_add_(0, assign, torch.ones_like(dmin, dtype=torch.float64))
         cand_d = torch.cat([far_d, dmin])

@@ -73,3 +73,89 @@ def tiny_siglip_model(tokenizer: PreTrainedTokenizerFast | None = None, *, seed:
     config = SiglipConfig(text_config=_text_config(tokenizer), vision_config=dict(_VISION))
     torch.manual_seed(seed)
     return SiglipModel(config).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny dual encoders with configurable widths / depth / attention, and random batches (used by test_lpi_model.py).
+# ----------------------------------------------------------------------------------------------------------------
+TINY_IMAGE_SIZE, TINY_PATCH_SIZE = 16, 8  # 4 patches (+ CLS where the tower has one)
+
+
+def _tower(hidden: int, layers: int, heads: int = 2) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads)
+
+
+def tiny_clip(
+    attn: str = "sdpa", vision_hidden: int = 48, text_hidden: int = 32, layers: int = 3, *, seed: int = 0
+) -> CLIPModel:
+    """Tiny random CLIPModel (vocab 100, 16 positions, BOS=2 / EOS=3 / PAD=0, image 16 patch 8), in eval mode."""
+    text = dict(
+        _tower(text_hidden, layers), vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_MAX_POSITIONS,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    vision = dict(_tower(vision_hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def tiny_siglip(attn: str = "sdpa", hidden: int = 32, layers: int = 3, *, seed: int = 0) -> SiglipModel:
+    """Tiny random SiglipModel (equal text and vision widths, as SigLIP requires), in eval mode."""
+    text = dict(
+        _tower(hidden, layers), vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_MAX_POSITIONS,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    vision = dict(_tower(hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
+    config = SiglipConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def tiny_vit_bert(attn: str = "sdpa", vision_hidden: int = 48, text_hidden: int = 32, layers: int = 3, *, seed: int = 0):
+    """Tiny random VisionTextDualEncoderModel from a ViTConfig and a BertConfig of different widths, in eval mode."""
+    from transformers import BertConfig, ViTConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    vision = ViTConfig(**_tower(vision_hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
+    text = BertConfig(
+        **_tower(text_hidden, layers), vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_MAX_POSITIONS,
+        pad_token_id=PAD_ID,
+    )
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)
+    torch.manual_seed(seed)
+    model = VisionTextDualEncoderModel(config)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+TINY_BUILDERS = {"clip": tiny_clip, "siglip": tiny_siglip, "vit_bert": tiny_vit_bert}
+
+
+def random_batch(
+    model_kind: str, batch: int = 4, seq: int = 8, pad_rows: Iterable[int] = (), *, seed: int = 1
+) -> dict[str, torch.Tensor]:
+    """pixel_values (B, 3, 16, 16), input_ids (B, seq) and attention_mask (B, seq) for a tiny model.
+
+    Rows listed in `pad_rows` are shorter and padded with PAD_ID (mask 0): for "clip" each row is BOS ... EOS then
+    padding (CLIP pools at the EOS); for "vit_bert" [BOS] ... [EOS] then padding; for "siglip" the tokens are
+    followed by padding to `seq` (SigLIP is trained with max-length padding and pools the last position).
+    Word ids lie in 4..TINY_VOCAB_SIZE-1 (no special ids inside a caption).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pad_rows = set(pad_rows)
+    pixel_values = torch.randn(batch, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
+    input_ids = torch.full((batch, seq), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        length = max(3, seq - 2 - row % 3) if row in pad_rows else seq  # tokens in the row, specials included
+        words = torch.randint(4, TINY_VOCAB_SIZE, (length,), generator=generator)
+        if model_kind in ("clip", "vit_bert"):
+            words[0], words[length - 1] = BOS_ID, EOS_ID
+        elif model_kind != "siglip":
+            raise ValueError(f"Unknown model kind {model_kind!r}.")
+        input_ids[row, :length] = words
+        attention_mask[row, :length] = 1
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}

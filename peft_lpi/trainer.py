@@ -1,0 +1,551 @@
+"""`ContinualTrainer`: trains an LPI adapter task after task with Accelerate, builds task keys, evaluates retrieval
+after every task, checkpoints atomically and resumes.
+
+The loop reads top to bottom in `train()` -> `_train_task()` -> `_training_step()`; evaluation is `evaluate_stage()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .data.preprocess import RetrievalCollator, flatten_captions
+from .evaluation import continual_metrics, per_task_recall, retrieval_recall
+from .io import CheckpointError, atomic_directory
+from .model import embedding_of
+from .objective import LPIObjective
+from .routing import routing_accuracy
+from .similarity import task_similarity_from_captions, task_similarity_from_names
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class ContinualTrainingArguments:
+    """Settings of a continual run. Defaults follow the authors' COCO protocol (LPI_METHOD.md)."""
+
+    output_dir: str = field(default="outputs/lpi", metadata={"help": "Folder for checkpoints, results and plots."})
+    epochs: int = field(default=10, metadata={"help": "Epochs per task."})
+    max_steps_per_task: int | None = field(default=None, metadata={"help": "Cap on optimiser steps per task."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch size per process."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Encoding batch size at evaluation."})
+    optimizer: str = field(default="sgd", metadata={"help": "'sgd' (momentum, reference) or 'adamw'."})
+    learning_rate: float = field(default=0.05, metadata={"help": "Peak learning rate (reference: 0.05 with SGD)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=2e-4, metadata={"help": "Weight decay."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the cosine schedule (per task)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (autocast; factors fp32)."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and caption choice."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N optimiser steps (0: per task)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
+    eval_routing: tuple[str, ...] = field(default=("oracle", "auto"), metadata={"help": "Routing modes to evaluate."})
+    recall_ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "Recall cut-offs."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
+    kmeans_seed: int = field(default=0, metadata={"help": "Seed of the task-key k-means."})
+    similarity_source: str = field(
+        default="names", metadata={"help": "Task similarity from 'names' (task names) or 'captions' (mean embeds)."}
+    )
+    name_template: str = field(default="{}", metadata={"help": "Template wrapping a task name before encoding."})
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars (main process only)."})
+    log_with: str | None = field(default=None, metadata={"help": "Accelerate tracker (tensorboard, wandb, ...)."})
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint must remember to resume exactly."""
+
+    task: int = 0  # task being trained (or next to train when step == 0 and epoch == 0)
+    epoch: int = 0
+    step_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    optimizer_steps: int = 0  # optimiser steps done in `task`
+    global_step: int = 0
+    stages: list[dict[str, Any]] = field(default_factory=list)  # evaluation after each finished task
+    train_seconds: list[float] = field(default_factory=list)
+
+
+class ContinualTrainer:
+    """Trains one LPI adapter over the tasks of a `DatasetDict` (schema: image, captions, task, image_id).
+
+    Args:
+        model: a PeftModel with an LPI adapter (`get_peft_model(base, LPIConfig(num_tasks=T, ...))`).
+        tokenizer / image_processor: the backbone's own preprocessing.
+        dataset: `DatasetDict` with "train" and "validation" splits; `task` is a ClassLabel in task order.
+        args: `ContinualTrainingArguments`.
+        task_similarity: optional user (T, T) matrix; else computed with the frozen text encoder.
+        accelerator: an `Accelerator`; created from `args` when None.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        image_processor: Any,
+        dataset: Any,
+        args: ContinualTrainingArguments,
+        task_similarity: torch.Tensor | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.args = args
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=args.log_with,
+        )
+        self.model = model
+        self.tuner = model.base_model
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.train_set, self.eval_set = dataset["train"], dataset["validation"]
+        self.task_names: list[str] = list(self.train_set.features["task"].names)
+        self.num_tasks = len(self.task_names)
+        if self.tuner.num_tasks < self.num_tasks:
+            raise ValueError(
+                f"The adapter has {self.tuner.num_tasks} tasks but the dataset has {self.num_tasks}: create it with "
+                f"LPIConfig(num_tasks={self.num_tasks}) or call add_task()."
+            )
+        self.train_indices = self._indices_by_task(self.train_set, "train")
+        self.eval_indices = self._indices_by_task(self.eval_set, "validation")
+        self.output_dir = Path(args.output_dir)
+        self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
+        self.model.to(self.accelerator.device)
+        self.collator = RetrievalCollator(image_processor, tokenizer, train=True, seed=args.seed)
+        self.eval_collator = RetrievalCollator(image_processor, tokenizer, train=False, seed=args.seed)
+        self.task_similarity = task_similarity
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------ data
+    def _indices_by_task(self, split: Any, name: str) -> list[list[int]]:
+        tasks = torch.as_tensor(split["task"])
+        indices = [torch.nonzero(tasks == t).flatten().tolist() for t in range(self.num_tasks)]
+        for t, rows in enumerate(indices):
+            if not rows:
+                raise ValueError(f"Task {t} ({self.task_names[t]!r}) has no {name} samples: every task needs data.")
+        return indices
+
+    def _train_loader(self, task: int, epoch: int) -> DataLoader:
+        """A seeded permutation of the task's rows for this epoch, sharded over processes by Accelerate."""
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + task * 1_009 + epoch)
+        rows = self.train_indices[task]
+        order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+        self.collator.set_epoch(epoch)
+        loader = DataLoader(
+            Subset(self.train_set, order),
+            batch_size=self.args.batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.args.num_workers,
+            drop_last=len(order) >= self.args.batch_size * self.accelerator.num_processes,
+        )
+        return self.accelerator.prepare_data_loader(loader)
+
+    def _steps_per_epoch(self, task: int) -> int:
+        per_step = self.args.batch_size * self.accelerator.num_processes
+        batches = max(len(self.train_indices[task]) // per_step, 1)
+        return math.ceil(batches / self.args.gradient_accumulation_steps)
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> dict[str, Any]:
+        """Train every task in order (resuming when asked); returns the results dict (also written to disk)."""
+        args, acc = self.args, self.accelerator
+        set_seed(args.seed)
+        if args.resume and self.checkpoint_dir.exists():
+            self._load_checkpoint()
+        if self.task_similarity is None:
+            self.task_similarity = self._compute_task_similarity()
+        self.objective = LPIObjective(self.model, self.task_similarity.to(acc.device))
+        if args.log_with:
+            acc.init_trackers("peft_lpi", config={k: str(v) for k, v in asdict(args).items()})
+        for task in range(self.state.task, self.num_tasks):
+            if self.state.task == task and len(self.state.stages) > task:
+                continue  # finished before the interruption
+            started = time.perf_counter()
+            self._train_task(task)
+            self.state.train_seconds.append(time.perf_counter() - started)
+            self._build_task_keys(task)
+            self.state.stages.append(self.evaluate_stage(task))
+            self.state.task, self.state.epoch, self.state.step_in_epoch, self.state.optimizer_steps = task + 1, 0, 0, 0
+            self._save_checkpoint()
+            if acc.is_main_process:
+                self._print_stage(task)
+        results = self.results()
+        if acc.is_main_process:
+            from .report import write_report
+
+            write_report(results, self.output_dir, model=self.model)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return results
+
+    def _compute_task_similarity(self) -> torch.Tensor:
+        """Task semantic similarity with the frozen (prompt-free) text encoder, as LPI_METHOD.md prescribes."""
+        with self.tuner.prompts_disabled():
+            if self.args.similarity_source == "captions":
+                captions = [
+                    [c for i in rows[:200] for c in self.train_set[i]["captions"][:1]] for rows in self.train_indices
+                ]
+                return task_similarity_from_captions(self.model, self.tokenizer, captions).cpu()
+            names = [self.args.name_template.format(n) for n in self.task_names]
+            return task_similarity_from_names(self.model, self.tokenizer, names, template="{}").cpu()
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        a = self.args
+        if a.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=a.learning_rate, momentum=a.momentum, weight_decay=a.weight_decay)
+        if a.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay)
+        raise ValueError(f"Unknown optimizer {a.optimizer!r}; use 'sgd' or 'adamw'.")
+
+    def _train_task(self, task: int) -> None:
+        args, acc = self.args, self.accelerator
+        params = self.tuner.train_task(task)
+        total_steps = self._steps_per_epoch(task) * args.epochs
+        if args.max_steps_per_task is not None:
+            total_steps = min(total_steps, args.max_steps_per_task)
+        optimizer = self._make_optimizer(params)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max(total_steps, 1))
+        if self._resume_optimizer is not None:
+            optimizer.load_state_dict(self._resume_optimizer["optimizer"])
+            scheduler.load_state_dict(self._resume_optimizer["scheduler"])
+            self._resume_optimizer = None
+        # DDP records which parameters train when it wraps the model, so the model is (re)prepared per task.
+        ddp_model, optimizer = acc.prepare(self.model, optimizer)
+        ddp_model.eval()  # the backbone is frozen: no dropout noise in it (prompt tuning convention)
+        bar = tqdm(
+            total=total_steps, initial=self.state.optimizer_steps, desc=f"task {task} {self.task_names[task]}",
+            disable=not (args.progress and acc.is_local_main_process), dynamic_ncols=True,
+        )
+        while self.state.optimizer_steps < total_steps and self.state.epoch < args.epochs:
+            loader = self._train_loader(task, self.state.epoch)
+            if self.state.step_in_epoch:
+                loader = acc.skip_first_batches(loader, self.state.step_in_epoch)
+            for batch in loader:
+                with acc.accumulate(ddp_model):
+                    terms = self._training_step(ddp_model, batch, task)
+                    if acc.sync_gradients and args.max_grad_norm:
+                        acc.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                self.state.step_in_epoch += 1
+                if acc.sync_gradients:
+                    scheduler.step()
+                    self.state.optimizer_steps += 1
+                    self.state.global_step += 1
+                    logs = {f"train/{k}": v.item() for k, v in terms.items()}
+                    logs["train/lr"] = scheduler.get_last_lr()[0]
+                    if args.log_with:
+                        acc.log(logs, step=self.state.global_step)
+                    bar.set_postfix(loss=f"{logs['train/loss']:.3f}", refresh=False)
+                    bar.update(1)
+                    if args.checkpoint_every and self.state.optimizer_steps % args.checkpoint_every == 0:
+                        self._save_checkpoint(optimizer, scheduler)
+                    if self.state.optimizer_steps >= total_steps:
+                        break
+            else:
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                continue
+            break
+        bar.close()
+        self.model = acc.unwrap_model(ddp_model)
+        acc.free_memory()  # drop the per-task DDP wrapper and optimizer references
+
+    def _training_step(self, ddp_model: torch.nn.Module, batch: dict[str, torch.Tensor], task: int) -> dict:
+        """One micro-batch: forward both towers with task `task`'s prompts, the LPI loss, backward."""
+        with self.accelerator.autocast():
+            outputs = ddp_model(
+                pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
+            terms = self.objective(
+                outputs.image_embeds.float(), outputs.text_embeds.float(), task, sample_ids=batch["caption_ids"]
+            )
+        loss = terms["loss"]
+        if not torch.isfinite(loss.detach()):
+            raise TrainingDivergedError(
+                f"The loss became {loss.item()} at task {task}, optimiser step {self.state.optimizer_steps + 1} "
+                f"(global step {self.state.global_step + 1}); terms: "
+                f"{ {k: round(v.item(), 4) for k, v in terms.items()} }. The last good checkpoint in "
+                f"{self.checkpoint_dir} is kept; lower the learning rate or use fp32."
+            )
+        self.accelerator.backward(loss)
+        return {k: v.detach() for k, v in terms.items()}
+
+    # ------------------------------------------------------------------ keys and encoding
+    def _encode(
+        self, split: Any, rows: list[int], modality: str, task_ids: torch.Tensor | str | None, desc: str
+    ) -> torch.Tensor:
+        """Embeddings of the images (or all captions) of `rows`, sharded over processes and gathered in order.
+
+        task_ids: per-sample true tasks (oracle), "auto", or None (prompt-free features).
+        """
+        acc, bs = self.accelerator, self.args.eval_batch_size
+        if modality == "vision":
+            items: list[Any] = rows
+        else:
+            texts, _, _ = flatten_captions(split.select(rows))
+            items = texts
+        positions = list(range(len(items)))
+        loader = acc.prepare_data_loader(DataLoader(positions, batch_size=bs, shuffle=False))
+        outputs, order = [], []
+        for positions_batch in tqdm(loader, desc=desc, disable=not (self.args.progress and acc.is_local_main_process),
+                                    leave=False):
+            index = positions_batch.tolist()
+            if modality == "vision":
+                images = self.eval_collator.images([split[items[i]]["image"] for i in index])
+                inputs = {"pixel_values": images.to(acc.device)}
+            else:
+                inputs = {k: v.to(acc.device) for k, v in self.eval_collator.texts([items[i] for i in index]).items()}
+            embeds = self._embed(modality, inputs, task_ids, index)
+            outputs.append(embeds)
+            order.append(positions_batch.to(acc.device))
+        embeds = acc.gather_for_metrics(torch.cat(outputs)) if outputs else torch.empty(0)
+        positions_all = acc.gather_for_metrics(torch.cat(order))
+        result = torch.empty_like(embeds)
+        result[positions_all.long()] = embeds
+        return result.float().cpu()
+
+    @torch.no_grad()
+    def _embed(self, modality: str, inputs: dict, task_ids: torch.Tensor | str | None, index: list[int]) -> torch.Tensor:
+        method = self.model.get_image_features if modality == "vision" else self.model.get_text_features
+        with self.accelerator.autocast():
+            if task_ids is None:
+                with self.tuner.prompts_disabled():
+                    return embedding_of(method(**inputs)).float()
+            if isinstance(task_ids, str):
+                self.tuner.set_task(task_ids)
+                out = embedding_of(method(**inputs)).float()
+                self._last_routes.append(self.tuner.last_routes[modality].cpu())
+                return out
+            self.tuner.set_task(task_ids[index].to(self.accelerator.device))
+            return embedding_of(method(**inputs)).float()
+
+    def _feature_chunks(self, task: int, modality: str) -> Callable[[], Iterator[torch.Tensor]]:
+        features = self._encode(self.train_set, self.train_indices[task], modality, None, f"keys {modality}")
+
+        def chunks() -> Iterator[torch.Tensor]:
+            yield from features.split(8192)
+
+        return chunks
+
+    def _build_task_keys(self, task: int) -> None:
+        """k-means keys of the task's prompt-free training features (images and captions independently)."""
+        self.tuner.build_task_keys(
+            task,
+            vision=self._feature_chunks(task, "vision"),
+            text=self._feature_chunks(task, "text"),
+            seed=self.args.kmeans_seed,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_stage(self, stage: int) -> dict[str, Any]:
+        """Joint gallery of the validation data of tasks 0..stage; recall per task in each routing mode."""
+        rows = [i for t in range(stage + 1) for i in self.eval_indices[t]]
+        subset = self.eval_set.select(rows)
+        texts, text_to_image, text_task = flatten_captions(subset)
+        image_task = torch.as_tensor(subset["task"])
+        text_task = torch.as_tensor(text_task)
+        groups = torch.as_tensor([hash_text(t) for t in texts])
+        _, group_ids = torch.unique(groups, return_inverse=True)
+        result: dict[str, Any] = {"stage": stage, "num_images": len(rows), "num_texts": len(texts)}
+        for mode in self.args.eval_routing:
+            self._last_routes = []
+            image_sel = image_task if mode == "oracle" else "auto"
+            image_embeds = self._encode(self.eval_set, rows, "vision", image_sel, f"eval images ({mode})")
+            image_routes = torch.cat(self._last_routes) if mode == "auto" and self._last_routes else None
+            self._last_routes = []
+            text_sel = text_task if mode == "oracle" else "auto"
+            text_embeds = self._encode_texts(texts, text_sel, f"eval captions ({mode})")
+            text_routes = torch.cat(self._last_routes) if mode == "auto" and self._last_routes else None
+            recall = retrieval_recall(
+                image_embeds, text_embeds, torch.as_tensor(text_to_image), ks=self.args.recall_ks,
+                text_groups=group_ids,
+            )
+            entry: dict[str, Any] = {}
+            for variant, prefix in (("strict", ""), ("caption_equal", "caption_equal_")):
+                per_task = per_task_recall(
+                    recall[f"i2t_{prefix}hits"], recall[f"t2i_{prefix}hits"], image_task, text_task,
+                    self.num_tasks, self.args.recall_ks,
+                )
+                entry[variant] = {"per_task": {int(k): v for k, v in per_task["per_task"].items()},
+                                  "macro": per_task["macro"]}
+            if mode == "auto" and image_routes is not None and self.accelerator.num_processes == 1:
+                entry["routing"] = {
+                    "image": routing_accuracy(image_routes, image_task, self.num_tasks),
+                    "text": routing_accuracy(text_routes, text_task, self.num_tasks),
+                }
+            elif mode == "auto":
+                entry["routing"] = self._routing_from_embeddings(image_task, text_task, rows, texts)
+            result[mode] = entry
+        self.tuner.set_task(0)
+        return result
+
+    def _encode_texts(self, texts: list[str], task_ids: torch.Tensor | str | None, desc: str) -> torch.Tensor:
+        acc, bs = self.accelerator, self.args.eval_batch_size
+        loader = acc.prepare_data_loader(DataLoader(list(range(len(texts))), batch_size=bs, shuffle=False))
+        outputs, order = [], []
+        for positions in tqdm(loader, desc=desc, disable=not (self.args.progress and acc.is_local_main_process),
+                              leave=False):
+            index = positions.tolist()
+            inputs = {k: v.to(acc.device) for k, v in self.eval_collator.texts([texts[i] for i in index]).items()}
+            outputs.append(self._embed("text", inputs, task_ids, index))
+            order.append(positions.to(acc.device))
+        embeds = acc.gather_for_metrics(torch.cat(outputs))
+        positions_all = acc.gather_for_metrics(torch.cat(order))
+        result = torch.empty_like(embeds)
+        result[positions_all.long()] = embeds
+        return result.float().cpu()
+
+    def _routing_from_embeddings(self, image_task: torch.Tensor, text_task: torch.Tensor, rows: list[int],
+                                 texts: list[str]) -> dict[str, Any]:
+        """Routing accuracy recomputed from gathered prompt-free features (used under several processes)."""
+        images = self._encode(self.eval_set, rows, "vision", None, "routing images")
+        captions = self._encode_texts(texts, None, "routing captions")
+        return {
+            "image": routing_accuracy(self.tuner.route("vision", images.to(self.accelerator.device)).cpu(),
+                                      image_task, self.num_tasks),
+            "text": routing_accuracy(self.tuner.route("text", captions.to(self.accelerator.device)).cpu(),
+                                     text_task, self.num_tasks),
+        }
+
+    def _print_stage(self, stage: int) -> None:
+        entry = self.state.stages[stage]
+        parts = []
+        for mode in self.args.eval_routing:
+            macro = entry[mode]["strict"]["macro"]
+            parts.append(f"{mode}: i2t R@1 {macro['i2t_R@1']:.1f} t2i R@1 {macro['t2i_R@1']:.1f}")
+            if "routing" in entry[mode]:
+                parts.append(f"routing img {100 * entry[mode]['routing']['image']['accuracy']:.1f}%")
+        tqdm.write(f"[after task {stage} {self.task_names[stage]}] " + " | ".join(parts))
+
+    # ------------------------------------------------------------------ results
+    def accuracy_matrix(self, mode: str, key: str, variant: str = "strict") -> list[list[float]]:
+        """R[stage][task] of one metric key (e.g. 'i2t_R@1'), NaN for tasks not yet seen."""
+        matrix = []
+        for entry in self.state.stages:
+            per_task = entry[mode][variant]["per_task"]
+            matrix.append([per_task[t][key] if t in per_task else float("nan") for t in range(self.num_tasks)])
+        return matrix
+
+    def results(self) -> dict[str, Any]:
+        ks = self.args.recall_ks
+        keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in ks] + ["rmean"]
+        results: dict[str, Any] = {
+            "task_names": self.task_names,
+            "task_similarity": self.task_similarity.tolist() if self.task_similarity is not None else None,
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.args).items()},
+            "lpi_config": self.tuner.active_config.to_dict(),
+            "trainable_parameters_per_task": sum(p.numel() for p in self.tuner.active_bank.tasks[0].parameters()),
+            "train_seconds_per_task": self.state.train_seconds,
+            "num_processes": self.accelerator.num_processes,
+            "modes": {},
+        }
+        for mode in self.args.eval_routing:
+            mode_results: dict[str, Any] = {}
+            for variant in ("strict", "caption_equal"):
+                matrices = {key: self.accuracy_matrix(mode, key, variant) for key in keys}
+                summary = {key: continual_metrics(torch.tensor(m)) for key, m in matrices.items()} if matrices else {}
+                mode_results[variant] = {"matrices": matrices, "summary": summary}
+            if mode == "auto":
+                mode_results["routing_accuracy"] = [
+                    {"image": e[mode]["routing"]["image"]["accuracy"], "text": e[mode]["routing"]["text"]["accuracy"]}
+                    for e in self.state.stages
+                ]
+            results["modes"][mode] = mode_results
+        return _jsonable(results)
+
+    # ------------------------------------------------------------------ checkpoints
+    _resume_optimizer: dict[str, Any] | None = None
+
+    def _save_checkpoint(self, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> None:
+        """Atomically replace output_dir/checkpoint: adapter (all tasks + keys), optimizer, scheduler, state."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            with atomic_directory(self.checkpoint_dir) as tmp:
+                model.save_pretrained(tmp)
+                if optimizer is not None:
+                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                               tmp / "optimizer.pt")
+                state = asdict(self.state)
+                state["task_similarity"] = self.task_similarity.tolist() if self.task_similarity is not None else None
+                (tmp / STATE_FILE).write_text(json.dumps(_jsonable(state)))
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self) -> None:
+        path = self.checkpoint_dir
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise CheckpointError(f"{path} has no {STATE_FILE}: not a ContinualTrainer checkpoint.")
+        from safetensors.torch import load_file
+
+        adapter_file = path / "adapter_model.safetensors"
+        try:
+            weights = load_file(str(adapter_file))
+        except Exception as err:
+            raise CheckpointError(f"Cannot read the adapter of checkpoint {path}: {err}") from None
+        model = self.accelerator.unwrap_model(self.model)
+        result = set_peft_model_state_dict(model, weights, adapter_name=self.tuner.active_adapters[0])
+        missing = [k for k in result.missing_keys if "lpi_prompts" in k]
+        if missing:
+            raise CheckpointError(f"Checkpoint {path} lacks adapter tensors (e.g. {missing[:3]}); it does not fit.")
+        raw = json.loads(state_file.read_text())
+        similarity = raw.pop("task_similarity", None)
+        if similarity is not None and self.task_similarity is None:
+            self.task_similarity = torch.tensor(similarity)
+        stages = raw.pop("stages")
+        self.state = TrainerState(**raw, stages=[_restore_int_keys(s) for s in stages])
+        optimizer_file = path / "optimizer.pt"
+        if optimizer_file.is_file() and (self.state.optimizer_steps or self.state.step_in_epoch):
+            self._resume_optimizer = torch.load(optimizer_file, map_location="cpu", weights_only=False)
+
+
+def hash_text(text: str) -> int:
+    """A stable id of a caption's text (identical captions share it)."""
+    import zlib
+
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _restore_int_keys(stage: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns the integer task keys of per_task into strings; turn them back."""
+    for key, value in stage.items():
+        if isinstance(value, dict):
+            for variant in ("strict", "caption_equal"):
+                if variant in value:
+                    value[variant]["per_task"] = {int(k): v for k, v in value[variant]["per_task"].items()}
+    return stage
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {(k if isinstance(k, str | int) else str(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value
