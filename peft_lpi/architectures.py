@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 # model_type -> (vision layers, text layers, text tower causal). Paths are dotted attribute paths from the base model.
@@ -38,12 +39,19 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"No module at '{path}' in {type(model).__name__}: {err}") from None
 
 
+def _block_type(module: nn.Module) -> type:
+    """The class of an encoder block, looking through a PEFT tuner-layer wrapper (an adapter already injected)."""
+    while isinstance(module, BaseTunerLayer) and isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return type(module)
+
+
 def _longest_uniform_module_list(root: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The longest nn.ModuleList under `root` whose children all share one class (the transformer blocks)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in root.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
+            if len({_block_type(child) for child in module}) == 1 and (best is None or len(module) > len(best[1])):
                 best = (name, module)
     return best
 

@@ -212,7 +212,9 @@ def _as_matrix(R: AccuracyMatrix) -> torch.Tensor:
         width = max((len(row) for row in rows), default=0)
         matrix = torch.tensor([row + [math.nan] * (width - len(row)) for row in rows], dtype=torch.float64)
     if matrix.ndim != 2 or matrix.numel() == 0:
-        raise ValueError(f"The accuracy matrix must be a non-empty (stages, tasks) matrix, got shape {tuple(matrix.shape)}.")
+        raise ValueError(
+            f"The accuracy matrix must be a non-empty (stages, tasks) matrix, got shape {tuple(matrix.shape)}."
+        )
     return matrix
 
 
@@ -241,7 +243,9 @@ def forgetting(R: AccuracyMatrix) -> float:
     last = matrix.shape[0] - 1
     if last == 0:
         return 0.0
-    drops = [matrix[t:last, t].nan_to_num(nan=-math.inf).max() - matrix[last, t] for t in range(min(last, matrix.shape[1]))]
+    drops = [
+        matrix[t:last, t].nan_to_num(nan=-math.inf).max() - matrix[last, t] for t in range(min(last, matrix.shape[1]))
+    ]
     return torch.stack(drops).mean().item()
 
 

@@ -112,6 +112,8 @@ def _global_batch(
     dtype = _compute_dtype(image_embeds, text_embeds)
     img = F.normalize(image_embeds.to(dtype), dim=-1)  # (n, D)
     txt = F.normalize(text_embeds.to(dtype), dim=-1)  # (n, D)
+    if sample_ids is not None:
+        sample_ids = sample_ids.to(img.device)  # NCCL gathers device tensors
     rank, world = _world()
     if not gather or world == 1:
         return img, txt, img, txt, sample_ids, sample_ids, 0
@@ -121,7 +123,9 @@ def _global_batch(
     return img, txt, img_all, txt_all, sample_ids, ids_all, rank * img.shape[0]
 
 
-def _positives(ids_local: Tensor | None, ids_all: Tensor | None, n: int, num_cols: int, offset: int, device) -> Tensor:
+def _positives(
+    ids_local: Tensor | None, ids_all: Tensor | None, n: int, num_cols: int, offset: int, device: torch.device
+) -> Tensor:
     """Bool (n, N) matrix of positive pairs: equal sample ids, or the diagonal (shifted by `offset`) without ids."""
     if ids_local is None:
         rows = torch.arange(n, device=device) + offset
@@ -137,7 +141,7 @@ def _positives(ids_local: Tensor | None, ids_all: Tensor | None, n: int, num_col
 def contrastive_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
-    logit_scale: Tensor,
+    logit_scale: Tensor | float,
     *,
     sample_ids: Tensor | None = None,
     gather: bool = True,
@@ -147,7 +151,7 @@ def contrastive_loss(
     Args:
         image_embeds: (n, D) image embeddings of this process (normalised inside).
         text_embeds: (n, D) matching text embeddings (row i describes image i).
-        logit_scale: scalar tensor, ALREADY exponentiated (CLIP's `logit_scale.exp()`).
+        logit_scale: scalar tensor (or float), ALREADY exponentiated (CLIP's `logit_scale.exp()`).
         sample_ids: optional (n,) LongTensor; samples with equal ids (e.g. a hash of the caption, or the image id)
             are all positives of each other, with a uniform soft target over the positives. None: only the diagonal.
         gather: under several processes, gather the batch with gradient so negatives come from every rank.
@@ -157,7 +161,7 @@ def contrastive_loss(
     with `gather_with_grad` DDP's gradient average equals the full-batch gradient.
     """
     img, txt, img_all, txt_all, ids, ids_all, offset = _global_batch(image_embeds, text_embeds, sample_ids, gather)
-    scale = logit_scale.to(img.dtype)
+    scale = torch.as_tensor(logit_scale, dtype=img.dtype, device=img.device)
     logits_per_image = scale * img @ txt_all.T  # (n, N)
     logits_per_text = scale * txt @ img_all.T  # (n, N)
     if ids is None:
@@ -174,8 +178,8 @@ def contrastive_loss(
 def sigmoid_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
-    logit_scale: Tensor,
-    logit_bias: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
     *,
     sample_ids: Tensor | None = None,
     gather: bool = True,
@@ -189,7 +193,9 @@ def sigmoid_loss(
     the single-process loss of the full batch (and DDP's gradient mean its gradient).
     """
     img, _, _, txt_all, ids, ids_all, offset = _global_batch(image_embeds, text_embeds, sample_ids, gather)
-    logits = logit_scale.to(img.dtype) * img @ txt_all.T + logit_bias.to(img.dtype)  # (n, N)
+    scale = torch.as_tensor(logit_scale, dtype=img.dtype, device=img.device)
+    bias = torch.as_tensor(logit_bias, dtype=img.dtype, device=img.device)
+    logits = scale * img @ txt_all.T + bias  # (n, N)
     pos = _positives(ids, ids_all, img.shape[0], txt_all.shape[0], offset, img.device)  # (n, N) bool
     z = pos.to(img.dtype) * 2 - 1  # (n, N) in {-1, +1}
     return -F.logsigmoid(z * logits).sum() / img.shape[0]

@@ -91,7 +91,8 @@ class LPIModel(BaseTuner):
             alpha=config.interaction_alpha,
         )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.lpi_prompts[adapter_name] = bank.to(device)
+        # low_cpu_mem_usage: PEFT builds the factors on the meta device and assigns the loaded tensors later
+        self.lpi_prompts[adapter_name] = bank if any(p.is_meta for p in bank.parameters()) else bank.to(device)
         for modality in config.prompted_modalities:
             layers = model.get_submodule(towers[modality].layers_path)
             for index in range(depth):

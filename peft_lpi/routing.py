@@ -137,7 +137,7 @@ def kmeans(
 
     Args:
         features: (N, D) tensor, or a callable returning a FRESH iterator of (n_i, D) chunks each time it is called
-            (e.g. `lambda: (encode(batch) for batch in loader)`); the data are read 2 + (iterations) times.
+            (e.g. `lambda: (encode(batch) for batch in loader)`); the data are read 1 + (Lloyd iterations) times.
         k: number of centres (task keys).
         num_iters: maximum Lloyd iterations (one pass over the data each).
         seed: seeds a `torch.Generator` (k-means++ sampling) and the init sample.
@@ -245,6 +245,7 @@ def nearest_task(
     keys = keys.detach().to(device=device, dtype=torch.float32)
     if not torch.isfinite(keys[available]).all():
         raise ValueError("nearest_task: keys of an available task contain NaN or inf.")
+    keys = torch.where(available[:, None, None], keys, torch.zeros((), device=device))  # NaN keys of absent tasks
     flat = keys.reshape(num_tasks * num_keys, dim)  # (T*k, D)
     blocked = torch.where(available, 0.0, float("inf"))  # (T,)
 

@@ -79,7 +79,9 @@ def _pooled(output) -> Tensor:
         return pooled
     if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], Tensor):
         return output[1]
-    raise TypeError(f"get_text_features returned {type(output).__name__}; expected a tensor or an output with pooler_output.")
+    raise TypeError(
+        f"get_text_features returned {type(output).__name__}; expected a tensor or an output with pooler_output."
+    )
 
 
 @torch.no_grad()

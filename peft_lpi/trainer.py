@@ -59,8 +59,10 @@ class ContinualTrainingArguments:
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and caption choice."})
     checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N optimiser steps (0: per task)."})
     resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
-    eval_routing: tuple[str, ...] = field(default=("oracle", "auto"), metadata={"help": "Routing modes to evaluate."})
-    recall_ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "Recall cut-offs."})
+    eval_routing: list[str] = field(
+        default_factory=lambda: ["oracle", "auto"], metadata={"help": "Routing modes to evaluate: oracle, auto."}
+    )
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"help": "Recall cut-offs."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
     kmeans_seed: int = field(default=0, metadata={"help": "Seed of the task-key k-means."})
     similarity_source: str = field(
@@ -310,10 +312,10 @@ class ContinualTrainer:
                                     leave=False):
             index = positions_batch.tolist()
             if modality == "vision":
-                images = self.eval_collator.images([split[items[i]]["image"] for i in index])
+                images = self.eval_collator.process_images([split[items[i]]["image"] for i in index])
                 inputs = {"pixel_values": images.to(acc.device)}
             else:
-                inputs = {k: v.to(acc.device) for k, v in self.eval_collator.texts([items[i] for i in index]).items()}
+                inputs = self._text_inputs([items[i] for i in index])
             embeds = self._embed(modality, inputs, task_ids, index)
             outputs.append(embeds)
             order.append(positions_batch.to(acc.device))
@@ -322,6 +324,10 @@ class ContinualTrainer:
         result = torch.empty_like(embeds)
         result[positions_all.long()] = embeds
         return result.float().cpu()
+
+    def _text_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.eval_collator.tokenize(texts)
+        return {k: encoded[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask")}
 
     @torch.no_grad()
     def _embed(self, modality: str, inputs: dict, task_ids: torch.Tensor | str | None, index: list[int]) -> torch.Tensor:
@@ -406,7 +412,7 @@ class ContinualTrainer:
         for positions in tqdm(loader, desc=desc, disable=not (self.args.progress and acc.is_local_main_process),
                               leave=False):
             index = positions.tolist()
-            inputs = {k: v.to(acc.device) for k, v in self.eval_collator.texts([texts[i] for i in index]).items()}
+            inputs = self._text_inputs([texts[i] for i in index])
             outputs.append(self._embed("text", inputs, task_ids, index))
             order.append(positions.to(acc.device))
         embeds = acc.gather_for_metrics(torch.cat(outputs))

@@ -117,7 +117,7 @@ def tiny_siglip(attn: str = "sdpa", hidden: int = 32, layers: int = 3, *, seed: 
 
 def tiny_vit_bert(attn: str = "sdpa", vision_hidden: int = 48, text_hidden: int = 32, layers: int = 3, *, seed: int = 0):
     """Tiny random VisionTextDualEncoderModel from a ViTConfig and a BertConfig of different widths, in eval mode."""
-    from transformers import BertConfig, ViTConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+    from transformers import BertConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel, ViTConfig
 
     vision = ViTConfig(**_tower(vision_hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
     text = BertConfig(
