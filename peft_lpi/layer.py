@@ -99,7 +99,7 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
 
     def _split_arguments(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any, Callable[..., tuple, dict]]:
         """Find hidden_states (parameter 0) and attention_mask by signature, whatever their position."""
-        args = list(args)
+        args, kwargs = list(args), dict(kwargs)  # never mutate the caller's kwargs (forward reuses them unprompted)
         hidden = args[0] if args else kwargs.pop(self._parameter_names[0])
         if args:
             args = args[1:]

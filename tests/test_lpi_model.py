@@ -433,6 +433,50 @@ def test_mixed_task_batch_equals_per_sample(kind, monkeypatch):
         torch.testing.assert_close(txt[row : row + 1], alone_txt, atol=1e-5, rtol=1e-5)
 
 
+def test_auto_routing_matches_explicit_per_sample_tasks():
+    model = wrap(tiny_clip(), num_tasks=3)
+    batch = random_batch("clip", 3, 8, pad_rows=[2])
+    with torch.no_grad(), model.prompts_disabled():
+        img, txt = features(model, batch)
+    img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    # sample i's prompt-free features are the key of task truth[i]; image and caption routes are independent
+    truth_img, truth_txt = torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])
+    for task in range(3):
+        model.set_task_keys(task, vision=img[truth_img == task], text=txt[truth_txt == task])
+    model.set_task("auto")
+    with torch.no_grad():
+        auto = model(**batch)  # PeftModel.forward routes both modalities
+        assert torch.equal(model.base_model.last_routes["vision"], truth_img)
+        assert torch.equal(model.base_model.last_routes["text"], truth_txt)
+        auto_img, auto_txt = features(model, batch)  # feature methods route their own modality
+        assert torch.equal(model.base_model.last_routes["text"], truth_txt)
+    model.set_task(truth_img)
+    explicit_img = features(model, batch)[0]
+    model.set_task(truth_txt)
+    explicit_txt = features(model, batch)[1]
+    assert torch.equal(auto_img, explicit_img) and torch.equal(auto_txt, explicit_txt)
+    torch.testing.assert_close(auto.image_embeds, torch.nn.functional.normalize(explicit_img, dim=-1))
+    torch.testing.assert_close(auto.text_embeds, torch.nn.functional.normalize(explicit_txt, dim=-1))
+
+
+def test_auto_routing_needs_keys():
+    model = wrap(tiny_clip(), num_tasks=2)
+    with pytest.raises(ValueError, match="keys"):
+        model.set_task("auto")
+
+
+def test_wrapped_layer_accepts_keyword_hidden_states_when_disabled():
+    model = wrap(tiny_clip(), num_tasks=1)
+    layer = model.base_model.model.vision_model.encoder.layers[0]
+    hidden = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        prompted = layer(hidden_states=hidden, attention_mask=None)
+        with model.disable_adapter():
+            plain = layer(hidden_states=hidden, attention_mask=None)
+        expected = layer.base_layer(hidden, None)
+    assert torch.equal(plain, expected) and not torch.allclose(prompted, expected)
+
+
 def test_task_selection_errors():
     model = wrap(tiny_clip(), num_tasks=3)
     batch = random_batch("clip", 4, 8)
@@ -572,8 +616,11 @@ def test_save_pretrained_round_trip(kind, tmp_path):
     assert keys and all("default" not in k for k in keys)
     assert any(k.endswith("vision_keys") for k in keys) and any(k.endswith("has_keys") for k in keys)
 
-    for name in ("default", "renamed"):
-        loaded = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path, adapter_name=name)
+    for name, low_memory in (("default", False), ("renamed", False), ("default", True)):
+        loaded = PeftModel.from_pretrained(
+            copy.deepcopy(pristine), tmp_path, adapter_name=name, low_cpu_mem_usage=low_memory
+        )
+        assert not any(p.is_meta for p in loaded.parameters())
         loaded.set_task(torch.tensor([2, 1, 0]))
         for got, exp in zip(features(loaded, batch), expected, strict=True):
             assert torch.equal(got, exp)
