@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -26,8 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .data.preprocess import RetrievalCollator, flatten_captions
 from .evaluation import continual_metrics, per_task_recall, retrieval_recall
 from .io import CheckpointError, atomic_directory
-from .model import embedding_of
-from .objective import LPIObjective
+from .methods import ContinualMethod, LPIMethod
 from .routing import routing_accuracy
 from .similarity import task_similarity_from_captions, task_similarity_from_names
 
@@ -96,6 +94,7 @@ class ContinualTrainer:
         args: `ContinualTrainingArguments`.
         task_similarity: optional user (T, T) matrix; else computed with the frozen text encoder.
         accelerator: an `Accelerator`; created from `args` when None.
+        method: the continual method (default: `LPIMethod(model)`); baselines live in `peft_lpi.baselines`.
     """
 
     def __init__(
@@ -107,6 +106,7 @@ class ContinualTrainer:
         args: ContinualTrainingArguments,
         task_similarity: torch.Tensor | None = None,
         accelerator: Accelerator | None = None,
+        method: ContinualMethod | None = None,
     ):
         self.args = args
         self.accelerator = accelerator or Accelerator(
@@ -115,14 +115,15 @@ class ContinualTrainer:
             log_with=args.log_with,
         )
         self.model = model
-        self.tuner = model.base_model
+        self.method = method or LPIMethod(model)
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.train_set, self.eval_set = dataset["train"], dataset["validation"]
         self.task_names: list[str] = list(self.train_set.features["task"].names)
         self.num_tasks = len(self.task_names)
-        if self.tuner.num_tasks < self.num_tasks:
+        tuner = getattr(model, "base_model", None)
+        if hasattr(tuner, "lpi_prompts") and tuner.num_tasks < self.num_tasks:
             raise ValueError(
-                f"The adapter has {self.tuner.num_tasks} tasks but the dataset has {self.num_tasks}: create it with "
+                f"The adapter has {tuner.num_tasks} tasks but the dataset has {self.num_tasks}: create it with "
                 f"LPIConfig(num_tasks={self.num_tasks}) or call add_task()."
             )
         self.train_indices = self._indices_by_task(self.train_set, "train")
@@ -174,16 +175,19 @@ class ContinualTrainer:
             self._load_checkpoint()
         if self.task_similarity is None:
             self.task_similarity = self._compute_task_similarity()
-        self.objective = LPIObjective(self.model, self.task_similarity.to(acc.device))
+        self.method.setup(self)
         if args.log_with:
             acc.init_trackers("peft_lpi", config={k: str(v) for k, v in asdict(args).items()})
         for task in range(self.state.task, self.num_tasks):
             if self.state.task == task and len(self.state.stages) > task:
                 continue  # finished before the interruption
             started = time.perf_counter()
-            self._train_task(task)
+            if self.method.trains:
+                self._train_task(task)
+            self.method.finish_task(task)
             self.state.train_seconds.append(time.perf_counter() - started)
-            self._build_task_keys(task)
+            if self.method.uses_keys:
+                self._build_task_keys(task)
             self.state.stages.append(self.evaluate_stage(task))
             self.state.task, self.state.epoch, self.state.step_in_epoch, self.state.optimizer_steps = task + 1, 0, 0, 0
             self._save_checkpoint()
@@ -200,7 +204,7 @@ class ContinualTrainer:
 
     def _compute_task_similarity(self) -> torch.Tensor:
         """Task semantic similarity with the frozen (prompt-free) text encoder, as LPI_METHOD.md prescribes."""
-        with self.tuner.prompts_disabled():
+        with self.method.prompt_free():
             if self.args.similarity_source == "captions":
                 captions = [
                     [c for i in rows[:200] for c in self.train_set[i]["captions"][:1]] for rows in self.train_indices
@@ -219,7 +223,7 @@ class ContinualTrainer:
 
     def _train_task(self, task: int) -> None:
         args, acc = self.args, self.accelerator
-        params = self.tuner.train_task(task)
+        params = self.method.parameters_for_task(task)
         total_steps = self._steps_per_epoch(task) * args.epochs
         if args.max_steps_per_task is not None:
             total_steps = min(total_steps, args.max_steps_per_task)
@@ -274,12 +278,7 @@ class ContinualTrainer:
     def _training_step(self, ddp_model: torch.nn.Module, batch: dict[str, torch.Tensor], task: int) -> dict:
         """One micro-batch: forward both towers with task `task`'s prompts, the LPI loss, backward."""
         with self.accelerator.autocast():
-            outputs = ddp_model(
-                pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            )
-            terms = self.objective(
-                outputs.image_embeds.float(), outputs.text_embeds.float(), task, sample_ids=batch["caption_ids"]
-            )
+            terms = self.method.training_loss(ddp_model, batch, task)
         loss = terms["loss"]
         if not torch.isfinite(loss.detach()):
             raise TrainingDivergedError(
@@ -331,18 +330,13 @@ class ContinualTrainer:
 
     @torch.no_grad()
     def _embed(self, modality: str, inputs: dict, task_ids: torch.Tensor | str | None, index: list[int]) -> torch.Tensor:
-        method = self.model.get_image_features if modality == "vision" else self.model.get_text_features
+        if isinstance(task_ids, torch.Tensor):
+            task_ids = task_ids[index].to(self.accelerator.device)
         with self.accelerator.autocast():
-            if task_ids is None:
-                with self.tuner.prompts_disabled():
-                    return embedding_of(method(**inputs)).float()
-            if isinstance(task_ids, str):
-                self.tuner.set_task(task_ids)
-                out = embedding_of(method(**inputs)).float()
-                self._last_routes.append(self.tuner.last_routes[modality].cpu())
-                return out
-            self.tuner.set_task(task_ids[index].to(self.accelerator.device))
-            return embedding_of(method(**inputs)).float()
+            embeds, routes = self.method.encode(modality, inputs, task_ids)
+        if routes is not None:
+            self._last_routes.append(routes.cpu())
+        return embeds.float()
 
     def _feature_chunks(self, task: int, modality: str) -> Callable[[], Iterator[torch.Tensor]]:
         features = self._encode(self.train_set, self.train_indices[task], modality, None, f"keys {modality}")
@@ -354,11 +348,8 @@ class ContinualTrainer:
 
     def _build_task_keys(self, task: int) -> None:
         """k-means keys of the task's prompt-free training features (images and captions independently)."""
-        self.tuner.build_task_keys(
-            task,
-            vision=self._feature_chunks(task, "vision"),
-            text=self._feature_chunks(task, "text"),
-            seed=self.args.kmeans_seed,
+        self.method.build_keys(
+            task, self._feature_chunks(task, "vision"), self._feature_chunks(task, "text"), self.args.kmeans_seed
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -373,7 +364,7 @@ class ContinualTrainer:
         groups = torch.as_tensor([hash_text(t) for t in texts])
         _, group_ids = torch.unique(groups, return_inverse=True)
         result: dict[str, Any] = {"stage": stage, "num_images": len(rows), "num_texts": len(texts)}
-        for mode in self.args.eval_routing:
+        for mode in self.eval_modes:
             self._last_routes = []
             image_sel = image_task if mode == "oracle" else "auto"
             image_embeds = self._encode(self.eval_set, rows, "vision", image_sel, f"eval images ({mode})")
@@ -402,8 +393,12 @@ class ContinualTrainer:
             elif mode == "auto":
                 entry["routing"] = self._routing_from_embeddings(image_task, text_task, rows, texts)
             result[mode] = entry
-        self.tuner.set_task(0)
         return result
+
+    @property
+    def eval_modes(self) -> list[str]:
+        """Routing modes evaluated: "auto" only for methods with task keys."""
+        return [m for m in self.args.eval_routing if m == "oracle" or self.method.uses_keys]
 
     def _encode_texts(self, texts: list[str], task_ids: torch.Tensor | str | None, desc: str) -> torch.Tensor:
         acc, bs = self.accelerator, self.args.eval_batch_size
@@ -427,16 +422,16 @@ class ContinualTrainer:
         images = self._encode(self.eval_set, rows, "vision", None, "routing images")
         captions = self._encode_texts(texts, None, "routing captions")
         return {
-            "image": routing_accuracy(self.tuner.route("vision", images.to(self.accelerator.device)).cpu(),
+            "image": routing_accuracy(self.method.route("vision", images.to(self.accelerator.device)).cpu(),
                                       image_task, self.num_tasks),
-            "text": routing_accuracy(self.tuner.route("text", captions.to(self.accelerator.device)).cpu(),
+            "text": routing_accuracy(self.method.route("text", captions.to(self.accelerator.device)).cpu(),
                                      text_task, self.num_tasks),
         }
 
     def _print_stage(self, stage: int) -> None:
         entry = self.state.stages[stage]
         parts = []
-        for mode in self.args.eval_routing:
+        for mode in self.eval_modes:
             macro = entry[mode]["strict"]["macro"]
             parts.append(f"{mode}: i2t R@1 {macro['i2t_R@1']:.1f} t2i R@1 {macro['t2i_R@1']:.1f}")
             if "routing" in entry[mode]:
@@ -459,13 +454,14 @@ class ContinualTrainer:
             "task_names": self.task_names,
             "task_similarity": self.task_similarity.tolist() if self.task_similarity is not None else None,
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.args).items()},
-            "lpi_config": self.tuner.active_config.to_dict(),
-            "trainable_parameters_per_task": sum(p.numel() for p in self.tuner.active_bank.tasks[0].parameters()),
+            "method": self.method.name,
+            "peft_config": _peft_config_dict(self.model),
+            "trainable_parameters_per_task": self.method.trainable_parameters_per_task(),
             "train_seconds_per_task": self.state.train_seconds,
             "num_processes": self.accelerator.num_processes,
             "modes": {},
         }
-        for mode in self.args.eval_routing:
+        for mode in self.eval_modes:
             mode_results: dict[str, Any] = {}
             for variant in ("strict", "caption_equal"):
                 matrices = {key: self.accuracy_matrix(mode, key, variant) for key in keys}
@@ -487,9 +483,8 @@ class ContinualTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
             with atomic_directory(self.checkpoint_dir) as tmp:
-                model.save_pretrained(tmp)
+                self.method.save_adapter(tmp)
                 if optimizer is not None:
                     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                                tmp / "optimizer.pt")
@@ -503,18 +498,7 @@ class ContinualTrainer:
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise CheckpointError(f"{path} has no {STATE_FILE}: not a ContinualTrainer checkpoint.")
-        from safetensors.torch import load_file
-
-        adapter_file = path / "adapter_model.safetensors"
-        try:
-            weights = load_file(str(adapter_file))
-        except Exception as err:
-            raise CheckpointError(f"Cannot read the adapter of checkpoint {path}: {err}") from None
-        model = self.accelerator.unwrap_model(self.model)
-        result = set_peft_model_state_dict(model, weights, adapter_name=self.tuner.active_adapters[0])
-        missing = [k for k in result.missing_keys if "lpi_prompts" in k]
-        if missing:
-            raise CheckpointError(f"Checkpoint {path} lacks adapter tensors (e.g. {missing[:3]}); it does not fit.")
+        self.method.load_adapter(path)
         raw = json.loads(state_file.read_text())
         similarity = raw.pop("task_similarity", None)
         if similarity is not None and self.task_similarity is None:
@@ -526,6 +510,13 @@ class ContinualTrainer:
             self._resume_optimizer = torch.load(optimizer_file, map_location="cpu", weights_only=False)
 
 
+def _peft_config_dict(model: Any) -> dict[str, Any] | None:
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    return {name: config.to_dict() for name, config in configs.items()}
+
+
 def hash_text(text: str) -> int:
     """A stable id of a caption's text (identical captions share it)."""
     import zlib
@@ -535,7 +526,7 @@ def hash_text(text: str) -> int:
 
 def _restore_int_keys(stage: dict[str, Any]) -> dict[str, Any]:
     """JSON turns the integer task keys of per_task into strings; turn them back."""
-    for key, value in stage.items():
+    for value in stage.values():
         if isinstance(value, dict):
             for variant in ("strict", "caption_equal"):
                 if variant in value:

@@ -74,7 +74,7 @@ def test_two_task_run_trains_freezes_evaluates_and_reports(world, tmp_path):
             assert torch.equal(after_task1[key], value), key
     assert not torch.equal(after_task1["tasks.1.layer_factor"], initial["tasks.1.layer_factor"])
     # Keys exist for both tasks.
-    bank = trainer.tuner.lpi_prompts["default"]
+    bank = trainer.model.base_model.lpi_prompts["default"]
     assert bank.has_keys.all() and not bank.vision_keys.isnan().any()
 
     oracle = results["modes"]["oracle"]["strict"]["matrices"]["i2t_R@1"]
@@ -132,25 +132,16 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(world, tmp_path):
     args = make_args(tmp_path, checkpoint_every=1)
     trainer = ContinualTrainer(make_model(tokenizer), tokenizer, processor, data, args)
     calls = {"n": 0}
-    original_objective_call = None
+    original_loss = trainer.method.training_loss
 
     def poisoned(*a, **kw):
         calls["n"] += 1
-        terms = original_objective_call(*a, **kw)
+        terms = original_loss(*a, **kw)
         if calls["n"] == 3:
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    original_train_task = trainer._train_task
-
-    def patched_train_task(task):
-        nonlocal original_objective_call
-        if original_objective_call is None:
-            original_objective_call = trainer.objective.__call__
-            trainer.objective = poisoned
-        return original_train_task(task)
-
-    trainer._train_task = patched_train_task
+    trainer.method.training_loss = poisoned
     with pytest.raises(TrainingDivergedError, match="optimiser step 3"):
         trainer.train()
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
