@@ -43,6 +43,13 @@ class LPIConfig(PeftConfig):
             "ablation where each modality has its own layer factor."
         },
     )
+    factorization: Literal["cp", "full"] = field(
+        default="cp",
+        metadata={
+            "help": "'cp': LPI's rank-r CP factors. 'full': one free (K, P, D_m) prompt tensor per modality and task "
+            "(the S-Prompts-style full-rank baseline; `rank`, `share_layer_factor` are then unused)."
+        },
+    )
     init_std: float = field(default=0.5, metadata={"help": "Std of the normal init of every CP factor (reference: 0.5)."})
     interaction: bool = field(
         default=True,
@@ -107,6 +114,8 @@ class LPIConfig(PeftConfig):
             positive_int(name)
         if self.towers not in _TOWERS:
             raise ValueError(f"LPIConfig.towers must be one of {_TOWERS}, got {self.towers!r}.")
+        if self.factorization not in ("cp", "full"):
+            raise ValueError(f"LPIConfig.factorization must be 'cp' or 'full', got {self.factorization!r}.")
         if self.routing_metric not in _ROUTING_METRICS:
             raise ValueError(f"LPIConfig.routing_metric must be one of {_ROUTING_METRICS}, got {self.routing_metric!r}.")
         if not self.init_std > 0:

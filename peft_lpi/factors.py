@@ -81,21 +81,28 @@ class LPITaskFactors(nn.Module):
         init_std: float,
         interaction: bool,
         alpha: float,
+        factorization: str = "cp",
     ):
         super().__init__()
         self.rank = rank
         self.modalities = tuple(m for m in (VISION, TEXT) if m in hidden_sizes)
+        self.factorization = factorization
 
         def normal(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.randn(*shape) * init_std)
 
         self.share_layer_factor = share_layer_factor or len(self.modalities) == 1
-        if self.share_layer_factor:
+        if factorization == "full":  # S-Prompts-style baseline: free prompts, no factorisation
+            self.full_prompts = nn.ParameterDict(
+                {m: normal(depth, prompt_length, hidden_sizes[m]) for m in self.modalities}
+            )
+        elif self.share_layer_factor:
             self.layer_factor = normal(depth, rank)  # A: (K, r), common to both modalities
         else:
             self.layer_factors = nn.ParameterDict({m: normal(depth, rank) for m in self.modalities})
-        self.token_factors = nn.ParameterDict({m: normal(prompt_length, rank) for m in self.modalities})
-        self.hidden_factors = nn.ParameterDict({m: normal(hidden_sizes[m], rank) for m in self.modalities})
+        if factorization == "cp":
+            self.token_factors = nn.ParameterDict({m: normal(prompt_length, rank) for m in self.modalities})
+            self.hidden_factors = nn.ParameterDict({m: normal(hidden_sizes[m], rank) for m in self.modalities})
         self.correlation = None
         if interaction and len(self.modalities) == 2 and depth > 1:
             self.correlation = CorrelationModule(
@@ -107,6 +114,8 @@ class LPITaskFactors(nn.Module):
 
     def raw_prompts(self, modality: str) -> torch.Tensor:
         """The CP prompts of one modality before the correlation module: (K, P, D_m)."""
+        if self.factorization == "full":
+            return self.full_prompts[modality]
         a = self.layer_factor_of(modality)
         b = self.token_factors[modality]
         c = self.hidden_factors[modality]
@@ -136,6 +145,7 @@ class LPIPromptBank(nn.Module):
         init_std: float = 0.5,
         interaction: bool = True,
         alpha: float = 0.1,
+        factorization: str = "cp",
     ):
         super().__init__()
         self.depth, self.prompt_length, self.rank = depth, prompt_length, rank
@@ -149,6 +159,7 @@ class LPIPromptBank(nn.Module):
             init_std=init_std,
             interaction=interaction,
             alpha=alpha,
+            factorization=factorization,
         )
         self.tasks = nn.ModuleList([LPITaskFactors(**self._factor_kwargs) for _ in range(num_tasks)])
         # Task keys: (T, k, D_embed) per modality, NaN until the task's keys are built; `has_keys` marks tasks with keys.

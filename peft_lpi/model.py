@@ -89,6 +89,7 @@ class LPIModel(BaseTuner):
             init_std=config.init_std,
             interaction=config.interaction,
             alpha=config.interaction_alpha,
+            factorization=config.factorization,
         )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # low_cpu_mem_usage: PEFT builds the factors on the meta device and assigns the loaded tensors later
@@ -416,6 +417,7 @@ class LPIModel(BaseTuner):
             "prompt_depth": str(bank.depth),
             "share_layer_factor": str(config.share_layer_factor),
             "interaction": str(config.interaction),
+            "factorization": config.factorization,
             "num_keys": str(config.num_keys),
         }
 
@@ -439,7 +441,7 @@ class LPIModel(BaseTuner):
         expected = self._task_file_metadata()
         for field_name in (
             "model_type", "towers", "vision_hidden_size", "text_hidden_size", "rank", "prompt_length",
-            "prompt_depth", "share_layer_factor", "interaction", "num_keys",
+            "prompt_depth", "share_layer_factor", "interaction", "factorization", "num_keys",
         ):
             if metadata.get(field_name) != expected[field_name]:
                 raise CheckpointError(
