@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from peft import get_peft_model
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
-from peft_lpi import LPIConfig
+from peft_lpi.baselines import build_method
 from peft_lpi.trainer import ContinualTrainer, ContinualTrainingArguments
 
 OFFLINE = "offline-world"
@@ -53,7 +52,13 @@ class ModelArguments:
         metadata={"help": f"Hub id or local folder of a dual encoder, or '{OFFLINE}' for the project's cached backbone."},
     )
     backbone_cache: str | None = field(default=None, metadata={"help": "Folder of the cached offline backbone."})
-    method: str = field(default="lpi", metadata={"help": "Continual method (see docs/cli.md)."})
+    method: str = field(
+        default="lpi",
+        metadata={
+            "help": "Continual method: lpi, zero-shot, shared-prompt, s-prompts, lora (per-task LoRA, rank 4) or joint "
+            "(LPI on all tasks at once, the upper bound). See peft_lpi/baselines.py and docs/results.md."
+        },
+    )
     prompt_length: int = field(default=8, metadata={"help": "LPIConfig.prompt_length (P)."})
     prompt_depth: int = field(default=4, metadata={"help": "LPIConfig.prompt_depth (K)."})
     rank: int = field(default=4, metadata={"help": "LPIConfig.rank (r)."})
@@ -132,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     base, tokenizer, image_processor = load_backbone(model_args, accelerator)
     data = load_data(data_args)
     num_tasks = data["train"].features["task"].num_classes
-    config = LPIConfig(
-        num_tasks=num_tasks,
+    lpi_kwargs = dict(
         prompt_length=model_args.prompt_length,
         prompt_depth=model_args.prompt_depth,
         rank=model_args.rank,
@@ -146,10 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
         base_model_name_or_path=model_args.model,
     )
     torch.manual_seed(train_args.seed)
-    model = get_peft_model(base, config)
-    if accelerator.is_main_process:
+    model, method = build_method(model_args.method, base, num_tasks, lpi_kwargs)
+    if accelerator.is_main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
-    trainer = ContinualTrainer(model, tokenizer, image_processor, data, train_args, accelerator=accelerator)
+    trainer = ContinualTrainer(
+        model, tokenizer, image_processor, data, train_args, accelerator=accelerator, method=method
+    )
     return trainer.train()
 
 

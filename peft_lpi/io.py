@@ -81,6 +81,27 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_directory(path: str | os.PathLike) -> Path | None:
+    """Repair what a killed `atomic_directory` swap can leave behind; call it before reading `path` (no writer active).
+
+    A process killed between the two renames of the swap leaves no `path` but a complete `<path>.old-*`: the newest
+    one is moved back (the write that was being committed is lost, the previous one survives). Temporary folders of
+    writes that never finished (`.<name>.*.tmp`) and `<path>.old-*` folders left next to a complete `path` are
+    removed. Returns the restored folder, or None when nothing had to be restored.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return None
+    olds = sorted(path.parent.glob(f"{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    restored = None
+    if not path.exists() and olds:
+        os.replace(olds.pop(), path)
+        restored = path
+    for leftover in olds + list(path.parent.glob(f".{path.name}.*.tmp")):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return restored
+
+
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """`safetensors.torch.save_file`, written atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -33,6 +33,12 @@ class ContinualMethod:
     def setup(self, trainer: Any) -> None:
         """Called once before the first task (e.g. to build the objective from the task similarity)."""
 
+    def schedule(self, num_tasks: int) -> list[list[int]]:
+        """The tasks trained in each stage (one evaluation per stage). Continual: `[[0], [1], ...]`. A stage with
+        several tasks (e.g. joint training: `[[0, ..., T-1]]`) trains on the union of their data, and
+        `parameters_for_task` / `training_loss` then receive the list of task ids instead of an int."""
+        return [[t] for t in range(num_tasks)]
+
     def parameters_for_task(self, task: int) -> list[nn.Parameter]:
         """Make exactly the parameters of `task` trainable and return them."""
         raise NotImplementedError

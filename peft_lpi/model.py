@@ -8,6 +8,7 @@ methods (`get_image_features`, `get_text_features`) bypass `PeftModel.forward`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -61,6 +62,12 @@ class LPIModel(BaseTuner):
         config: LPIConfig = self.peft_config[adapter_name]
         if not isinstance(config, LPIConfig):
             raise TypeError(f"LPIModel needs an LPIConfig, got {type(config).__name__}.")
+        saved_class = (config.auto_mapping or {}).get("base_model_class")  # set when loading a saved adapter
+        if saved_class and saved_class != type(model).__name__:
+            raise ValueError(
+                f"This LPI adapter was trained on a {saved_class} but is being loaded onto a {type(model).__name__} "
+                "(wrong model family): its prompts and keys only fit the backbone they were trained with."
+            )
         if "lpi_prompts" not in self._modules:
             self.lpi_prompts = nn.ModuleDict()
             self._task_selection: TaskSelection = 0
@@ -419,7 +426,18 @@ class LPIModel(BaseTuner):
             "interaction": str(config.interaction),
             "factorization": config.factorization,
             "num_keys": str(config.num_keys),
+            "backbone_fingerprint": self._backbone_fingerprint(),
         }
+
+    def _backbone_fingerprint(self) -> str:
+        """Norms of the frozen weights of each tower's first encoder layer (JSON list): tells apart two backbones of
+        the same shapes (another checkpoint), while tolerating dtype casts of the same one (compared with rtol 1e-3)."""
+        norms = []
+        for modality in ("vision", "text"):
+            layer = self.model.get_submodule(self._towers[modality].layers_path)[0]
+            for _, param in sorted(layer.named_parameters()):
+                norms.append(0.0 if param.is_meta else float(torch.linalg.vector_norm(param.detach().double())))
+        return json.dumps([float(f"{v:.8g}") for v in norms])
 
     def save_task(self, task: int, path: str | os.PathLike) -> None:
         """Write one task's factors and keys as a standalone safetensors file with metadata (atomically)."""
@@ -448,6 +466,15 @@ class LPIModel(BaseTuner):
                     f"Task file {path} does not fit this adapter: {field_name} is {metadata.get(field_name)!r} in the "
                     f"file but {expected[field_name]!r} here. A task can only move between adapters with the same "
                     "backbone and LPI shape."
+                )
+        if metadata.get("backbone_fingerprint"):  # absent in files written before it existed
+            saved, here = json.loads(metadata["backbone_fingerprint"]), json.loads(expected["backbone_fingerprint"])
+            if len(saved) != len(here) or any(abs(a - b) > 1e-3 * max(abs(a), abs(b), 1e-6) for a, b in zip(saved, here)):
+                raise CheckpointError(
+                    f"Task file {path} was trained on another backbone: the frozen weights of its first encoder "
+                    f"layers differ from this model's (base model {metadata.get('base_model_name_or_path')!r} in the "
+                    f"file, {expected['base_model_name_or_path']!r} here), although model_type, widths and the LPI "
+                    "shape match. Prompts only work with the backbone they were trained on."
                 )
         bank = self.active_bank
         candidate = LPITaskFactors(**bank._factor_kwargs)
@@ -482,3 +509,8 @@ class LPIModel(BaseTuner):
     def import_task(self, path: str | os.PathLike) -> int:
         """Append a task trained elsewhere (same backbone and LPI shape), keys included; returns its new id."""
         return self.load_task(None, path)
+
+
+from .hub import install_push_to_hub  # noqa: E402  (PeftModel.push_to_hub writes the LPI card for LPI adapters)
+
+install_push_to_hub()

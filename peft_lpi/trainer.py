@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .data.preprocess import RetrievalCollator, flatten_captions
 from .evaluation import continual_metrics, per_task_recall, retrieval_recall
-from .io import CheckpointError, atomic_directory
+from .io import CheckpointError, atomic_directory, recover_directory
 from .methods import ContinualMethod, LPIMethod
 from .routing import routing_accuracy
 from .similarity import task_similarity_from_captions, task_similarity_from_names
@@ -82,6 +82,7 @@ class TrainerState:
     global_step: int = 0
     stages: list[dict[str, Any]] = field(default_factory=list)  # evaluation after each finished task
     train_seconds: list[float] = field(default_factory=list)
+    peak_memory_mb: list[float] = field(default_factory=list)  # after each stage's training (see _peak_memory_mb)
 
 
 class ContinualTrainer:
@@ -121,7 +122,7 @@ class ContinualTrainer:
         self.task_names: list[str] = list(self.train_set.features["task"].names)
         self.num_tasks = len(self.task_names)
         tuner = getattr(model, "base_model", None)
-        if hasattr(tuner, "lpi_prompts") and tuner.num_tasks < self.num_tasks:
+        if hasattr(tuner, "lpi_prompts") and self.method.uses_keys and tuner.num_tasks < self.num_tasks:
             raise ValueError(
                 f"The adapter has {tuner.num_tasks} tasks but the dataset has {self.num_tasks}: create it with "
                 f"LPIConfig(num_tasks={self.num_tasks}) or call add_task()."
@@ -131,8 +132,9 @@ class ContinualTrainer:
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
         self.model.to(self.accelerator.device)
-        self.collator = RetrievalCollator(image_processor, tokenizer, train=True, seed=args.seed)
-        self.eval_collator = RetrievalCollator(image_processor, tokenizer, train=False, seed=args.seed)
+        limit = _text_token_limit(model, tokenizer)  # longer captions are truncated with a warning, never a crash
+        self.collator = RetrievalCollator(image_processor, tokenizer, train=True, seed=args.seed, max_length=limit)
+        self.eval_collator = RetrievalCollator(image_processor, tokenizer, train=False, seed=args.seed, max_length=limit)
         self.task_similarity = task_similarity
         self.state = TrainerState()
 
@@ -147,8 +149,8 @@ class ContinualTrainer:
 
     def _train_loader(self, task: int, epoch: int) -> DataLoader:
         """A seeded permutation of the task's rows for this epoch, sharded over processes by Accelerate."""
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + task * 1_009 + epoch)
-        rows = self.train_indices[task]
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + _task_ids(task)[0] * 1_009 + epoch)
+        rows = [i for t in _task_ids(task) for i in self.train_indices[t]]
         order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
         self.collator.set_epoch(epoch)
         loader = DataLoader(
@@ -163,7 +165,7 @@ class ContinualTrainer:
 
     def _steps_per_epoch(self, task: int) -> int:
         per_step = self.args.batch_size * self.accelerator.num_processes
-        batches = max(len(self.train_indices[task]) // per_step, 1)
+        batches = max(sum(len(self.train_indices[t]) for t in _task_ids(task)) // per_step, 1)
         return math.ceil(batches / self.args.gradient_accumulation_steps)
 
     # ------------------------------------------------------------------ the run
@@ -171,6 +173,9 @@ class ContinualTrainer:
         """Train every task in order (resuming when asked); returns the results dict (also written to disk)."""
         args, acc = self.args, self.accelerator
         set_seed(args.seed)
+        if args.resume and acc.is_main_process:
+            recover_directory(self.checkpoint_dir)  # a kill between the two renames of a checkpoint swap
+        acc.wait_for_everyone()
         if args.resume and self.checkpoint_dir.exists():
             self._load_checkpoint()
         if self.task_similarity is None:
@@ -178,22 +183,28 @@ class ContinualTrainer:
         self.method.setup(self)
         if args.log_with:
             acc.init_trackers("peft_lpi", config={k: str(v) for k, v in asdict(args).items()})
-        for task in range(self.state.task, self.num_tasks):
+        schedule = self.method.schedule(self.num_tasks)  # [[0], [1], ...] unless the method groups tasks (joint)
+        for task in range(self.state.task, len(schedule)):  # `task` indexes stages (= tasks for continual methods)
             if self.state.task == task and len(self.state.stages) > task:
                 continue  # finished before the interruption
+            group = schedule[task]
             started = time.perf_counter()
             if self.method.trains:
-                self._train_task(task)
-            self.method.finish_task(task)
+                self._train_task(group[0] if len(group) == 1 else group)
+            for t in group:
+                self.method.finish_task(t)
             self.state.train_seconds.append(time.perf_counter() - started)
+            self.state.peak_memory_mb.append(self._peak_memory_mb())
             if self.method.uses_keys:
-                self._build_task_keys(task)
-            self.state.stages.append(self.evaluate_stage(task))
+                for t in group:
+                    self._build_task_keys(t)
+            self.state.stages.append(self.evaluate_stage(max(group)))
             self.state.task, self.state.epoch, self.state.step_in_epoch, self.state.optimizer_steps = task + 1, 0, 0, 0
             self._save_checkpoint()
             if acc.is_main_process:
                 self._print_stage(task)
         results = self.results()
+        self.model.lpi_run_results = results  # used by model.push_to_hub (peft_lpi.hub) for the model card
         if acc.is_main_process:
             from .report import write_report
 
@@ -226,7 +237,7 @@ class ContinualTrainer:
         params = self.method.parameters_for_task(task)
         total_steps = self._steps_per_epoch(task) * args.epochs
         if args.max_steps_per_task is not None:
-            total_steps = min(total_steps, args.max_steps_per_task)
+            total_steps = min(total_steps, args.max_steps_per_task * len(_task_ids(task)))
         optimizer = self._make_optimizer(params)
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max(total_steps, 1))
         if self._resume_optimizer is not None:
@@ -237,7 +248,8 @@ class ContinualTrainer:
         ddp_model, optimizer = acc.prepare(self.model, optimizer)
         ddp_model.eval()  # the backbone is frozen: no dropout noise in it (prompt tuning convention)
         bar = tqdm(
-            total=total_steps, initial=self.state.optimizer_steps, desc=f"task {task} {self.task_names[task]}",
+            total=total_steps, initial=self.state.optimizer_steps,
+            desc=f"task {task} {'+'.join(self.task_names[t] for t in _task_ids(task))}",
             disable=not (args.progress and acc.is_local_main_process), dynamic_ncols=True,
         )
         while self.state.optimizer_steps < total_steps and self.state.epoch < args.epochs:
@@ -289,6 +301,19 @@ class ContinualTrainer:
             )
         self.accelerator.backward(loss)
         return {k: v.detach() for k, v in terms.items()}
+
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of the stage in MiB: on CUDA `torch.cuda.max_memory_allocated` (reset after each reading, so
+        per stage); on CPU the process RSS high-water mark (`ru_maxrss`, never reset: the run's peak so far)."""
+        if self.accelerator.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
+            return peak
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
     # ------------------------------------------------------------------ keys and encoding
     def _encode(
@@ -458,6 +483,10 @@ class ContinualTrainer:
             "peft_config": _peft_config_dict(self.model),
             "trainable_parameters_per_task": self.method.trainable_parameters_per_task(),
             "train_seconds_per_task": self.state.train_seconds,
+            "peak_memory_mb_per_task": self.state.peak_memory_mb,
+            "peak_memory_source": "cuda_max_memory_allocated" if self.accelerator.device.type == "cuda"
+            else "process_ru_maxrss",
+            "schedule": self.method.schedule(self.num_tasks),
             "num_processes": self.accelerator.num_processes,
             "modes": {},
         }
@@ -465,7 +494,7 @@ class ContinualTrainer:
             mode_results: dict[str, Any] = {}
             for variant in ("strict", "caption_equal"):
                 matrices = {key: self.accuracy_matrix(mode, key, variant) for key in keys}
-                summary = {key: continual_metrics(torch.tensor(m)) for key, m in matrices.items()} if matrices else {}
+                summary = {key: _summary(m, results["schedule"]) for key, m in matrices.items()} if matrices else {}
                 mode_results[variant] = {"matrices": matrices, "summary": summary}
             if mode == "auto":
                 mode_results["routing_accuracy"] = [
@@ -510,11 +539,32 @@ class ContinualTrainer:
             self._resume_optimizer = torch.load(optimizer_file, map_location="cpu", weights_only=False)
 
 
+def _task_ids(task: int | list[int]) -> list[int]:
+    """A stage's tasks: the trainer passes an int for a one-task stage, a list for a multi-task stage (joint)."""
+    return [task] if isinstance(task, int) else list(task)
+
+
+def _summary(matrix: list[list[float]], schedule: list[list[int]]) -> dict[str, float]:
+    if all(group == [t] for t, group in enumerate(schedule)):
+        return continual_metrics(torch.tensor(matrix))
+    from .baselines import grouped_continual_metrics  # stages of several tasks (joint): learned-at from the schedule
+
+    return grouped_continual_metrics(matrix, schedule)
+
+
 def _peft_config_dict(model: Any) -> dict[str, Any] | None:
     configs = getattr(model, "peft_config", None)
     if not configs:
         return None
     return {name: config.to_dict() for name, config in configs.items()}
+
+
+def _text_token_limit(model: Any, tokenizer: Any) -> int | None:
+    """Most tokens a caption may have: the text tower's position table, or the tokenizer's limit when smaller."""
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    limits = [getattr(text_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
+    return min(limits) if limits else None
 
 
 def hash_text(text: str) -> int:

@@ -90,8 +90,12 @@ def tiny_clip(
 ) -> CLIPModel:
     """Tiny random CLIPModel (vocab 100, 16 positions, BOS=2 / EOS=3 / PAD=0, image 16 patch 8), in eval mode."""
     text = dict(
-        _tower(text_hidden, layers), vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_MAX_POSITIONS,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        _tower(text_hidden, layers),
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
     )
     vision = dict(_tower(vision_hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
@@ -104,8 +108,12 @@ def tiny_clip(
 def tiny_siglip(attn: str = "sdpa", hidden: int = 32, layers: int = 3, *, seed: int = 0) -> SiglipModel:
     """Tiny random SiglipModel (equal text and vision widths, as SigLIP requires), in eval mode."""
     text = dict(
-        _tower(hidden, layers), vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_MAX_POSITIONS,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        _tower(hidden, layers),
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
     )
     vision = dict(_tower(hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
     config = SiglipConfig(text_config=text, vision_config=vision)
@@ -115,13 +123,17 @@ def tiny_siglip(attn: str = "sdpa", hidden: int = 32, layers: int = 3, *, seed: 
     return model.eval()
 
 
-def tiny_vit_bert(attn: str = "sdpa", vision_hidden: int = 48, text_hidden: int = 32, layers: int = 3, *, seed: int = 0):
+def tiny_vit_bert(
+    attn: str = "sdpa", vision_hidden: int = 48, text_hidden: int = 32, layers: int = 3, *, seed: int = 0
+):
     """Tiny random VisionTextDualEncoderModel from a ViTConfig and a BertConfig of different widths, in eval mode."""
     from transformers import BertConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel, ViTConfig
 
     vision = ViTConfig(**_tower(vision_hidden, layers), image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
     text = BertConfig(
-        **_tower(text_hidden, layers), vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_MAX_POSITIONS,
+        **_tower(text_hidden, layers),
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=TINY_MAX_POSITIONS,
         pad_token_id=PAD_ID,
     )
     config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)

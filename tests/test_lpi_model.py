@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import EOS_ID, TINY_BUILDERS, random_batch, tiny_clip, tiny_siglip, tiny_vit_bert
 from peft import AutoPeftModel, PeftModel, get_peft_model, mapping
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -20,8 +21,6 @@ from peft_lpi import LPIConfig, register_lpi
 from peft_lpi.factors import LPITaskFactors
 from peft_lpi.io import CheckpointError
 from peft_lpi.layer import LPIPromptedLayer
-
-from helpers import EOS_ID, TINY_BUILDERS, random_batch, tiny_clip, tiny_siglip, tiny_vit_bert
 
 KINDS = ("clip", "siglip", "vit_bert")
 SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)  # K, P, r of most tests
@@ -86,7 +85,8 @@ def assert_same_state(before: dict[str, torch.Tensor], model: PeftModel) -> None
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]) or (
-            before[key].is_floating_point() and torch.equal(before[key].isnan(), after[key].isnan())
+            before[key].is_floating_point()
+            and torch.equal(before[key].isnan(), after[key].isnan())
             and torch.equal(before[key].nan_to_num(), after[key].nan_to_num())
         ), key
 
@@ -196,8 +196,7 @@ def test_closed_form_parameter_counts(kind):
     assert _trainable(model) == plain + t * k * r
     model = wrap(copy.deepcopy(base), num_tasks=t, interaction=True)
     extended = t * (
-        k * r + 2 * p * r + (dv + dw) * r
-        + 2 * (k - 1) * r + (dv + 1 + dw) * r + (dw + 1 + dv) * r + 2 * (dv + dw)
+        k * r + 2 * p * r + (dv + dw) * r + 2 * (k - 1) * r + (dv + 1 + dw) * r + (dw + 1 + dv) * r + 2 * (dv + dw)
     )
     assert _trainable(model) == extended
     model = wrap(copy.deepcopy(base), num_tasks=t, towers="vision")
@@ -238,18 +237,18 @@ def test_correlation_module_matches_materialised_maps():
     v, w = cp_prompts(task, "vision"), cp_prompts(task, "text")
     r, a = task.rank, corr.alpha
 
-    def mapped(src, layer, inp, out, l):  # [src, 1] @ W(l), W(l) = (1/r) sum_k L[l,k] In[:,k] Out[:,k]^T
-        weight = torch.einsum("k,ik,ok->io", layer[l - 1], inp, out) / r
-        return torch.cat([src[l], torch.ones(src.shape[1], 1)], dim=-1) @ weight
+    def mapped(src, layer, inp, out, lay):  # [src, 1] @ W(l), W(l) = (1/r) sum_k L[l,k] In[:,k] Out[:,k]^T
+        weight = torch.einsum("k,ik,ok->io", layer[lay - 1], inp, out) / r
+        return torch.cat([src[lay], torch.ones(src.shape[1], 1)], dim=-1) @ weight
 
     got = model.task_prompts([1])
     torch.testing.assert_close(got["vision"][0, 0], v[0])
     torch.testing.assert_close(got["text"][0, 0], w[0])
-    for l in range(1, 3):
-        new_w = corr.text_norm((1 - a) * w[l] + a * mapped(v, corr.v2t_layer, corr.v2t_in, corr.v2t_out, l))
-        new_v = corr.vision_norm((1 - a) * v[l] + a * mapped(w, corr.t2v_layer, corr.t2v_in, corr.t2v_out, l))
-        torch.testing.assert_close(got["text"][0, l], new_w, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(got["vision"][0, l], new_v, rtol=1e-4, atol=1e-6)
+    for lay in range(1, 3):
+        new_w = corr.text_norm((1 - a) * w[lay] + a * mapped(v, corr.v2t_layer, corr.v2t_in, corr.v2t_out, lay))
+        new_v = corr.vision_norm((1 - a) * v[lay] + a * mapped(w, corr.t2v_layer, corr.t2v_in, corr.t2v_out, lay))
+        torch.testing.assert_close(got["text"][0, lay], new_w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["vision"][0, lay], new_v, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("interaction", [True, False])
@@ -378,7 +377,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(kind):
         calls = []
         # a pre-hook inside the checkpointed forward (the non-reentrant recompute stops early, before post-hooks)
         norm = base.text_model.encoder.layers[0].base_layer.layer_norm1
-        hook = norm.register_forward_pre_hook(lambda *args: calls.append(1))
+        hook = norm.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
         img, txt = image_features(model, batch), text_features(model, batch)
         loss = (img @ txt.T).logsumexp(-1).mean() + img.pow(2).mean()
         loss.backward()
@@ -669,8 +668,18 @@ def test_save_and_load_task_round_trip(tmp_path):
     model.save_task(1, path)
     metadata = _task_metadata(path)
     for field in (
-        "format", "format_version", "library_version", "model_type", "towers", "vision_hidden_size",
-        "text_hidden_size", "rank", "prompt_length", "prompt_depth", "share_layer_factor", "interaction",
+        "format",
+        "format_version",
+        "library_version",
+        "model_type",
+        "towers",
+        "vision_hidden_size",
+        "text_hidden_size",
+        "rank",
+        "prompt_length",
+        "prompt_depth",
+        "share_layer_factor",
+        "interaction",
     ):
         assert field in metadata, field
     assert metadata["model_type"] == "clip" and metadata["rank"] == "2" and metadata["vision_hidden_size"] == "48"
@@ -808,8 +817,16 @@ def test_atomic_task_save(tmp_path, monkeypatch):
 def test_plain_bert_is_refused_with_a_clear_message():
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=16))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        )
+    )
     with pytest.raises(ValueError, match="layer_paths") as info:
         get_peft_model(bert, LPIConfig(**SMALL))
     message = str(info.value)
