@@ -76,7 +76,9 @@ def make_inputs(config: CLIPConfig, batch: int, seed: int) -> dict[str, torch.Te
     return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def time_round_robin(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_round_robin(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for _ in range(warmup):  # auto-routed = a base pass + a mixed pass: both warmed by their own variants
@@ -86,9 +88,9 @@ def time_round_robin(variants: dict[str, Callable[[], object]], repeats: int, wa
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -110,6 +112,13 @@ def main() -> None:
         default=None,
         help="torch intra-op threads (default: torch's). On a shared, oversubscribed machine --threads 1 gives far "
         "steadier numbers: LPI's prompt generation is many small ops, each of which waits for a descheduled thread.",
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: time.perf_counter; cpu: time.process_time, the CPU time of this process, which other jobs on a "
+        "shared machine do not inflate (meaningful with --threads 1; idle-waiting threads would distort it)",
     )
     parser.add_argument("--towers", default="vision,text", help="which towers to time: vision,text")
     parser.add_argument("--no-auto", action="store_true", help="skip the auto-routed measurements")
@@ -162,10 +171,11 @@ def main() -> None:
         f"CLIP ViT-B/16 sizes, random weights | batch {args.batch_size} | K={args.depth} P={args.length} "
         f"r={args.rank} tasks={args.tasks} interaction={not args.no_interaction} | attn={args.attn} | "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-        f" | {args.warmup} warm-up + {args.repeats} timed runs per variant (median)"
+        f" | {args.warmup} warm-up + {args.repeats} timed runs per variant (median, {args.clock} clock)"
     )
     with torch.inference_mode():
-        times = time_round_robin(variants, args.repeats, args.warmup)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = time_round_robin(variants, args.repeats, args.warmup, clock)
     median = {name: statistics.median(values) for name, values in times.items()}
 
     tokens = {"vision": IMAGE_TOKENS, "text": args.text_length}

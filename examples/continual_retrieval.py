@@ -68,6 +68,12 @@ class ModelArguments:
     align_weight: float = field(default=0.1, metadata={"help": "Weight of the alignment loss (0 disables it)."})
     task_weight: float = field(default=0.1, metadata={"help": "Weight of the task loss (0 disables it)."})
     routing_metric: str = field(default="l1", metadata={"help": "Routing distance: l1, l2 or cosine."})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "After training, upload the adapter with a model card of the run to this Hub repo "
+                  "(user/name; main process only; needs `hf auth login`). LPI adapters only."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the --push_to_hub repo as private."})
 
 
 @dataclass
@@ -153,10 +159,21 @@ def main(argv: list[str] | None = None) -> dict:
     model, method = build_method(model_args.method, base, num_tasks, lpi_kwargs)
     if accelerator.is_main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
+    if model_args.push_to_hub:
+        from peft_lpi.hub import is_lpi_model
+
+        if not is_lpi_model(model):  # refuse before training, not after it
+            sys.exit(f"--push_to_hub uploads LPI adapters; --method {model_args.method} does not produce one.")
     trainer = ContinualTrainer(
         model, tokenizer, image_processor, data, train_args, accelerator=accelerator, method=method
     )
-    return trainer.train()
+    results = trainer.train()
+    if model_args.push_to_hub and accelerator.is_main_process:
+        from peft_lpi.hub import push_adapter_to_hub
+
+        push_adapter_to_hub(trainer.model, model_args.push_to_hub, results=results, private=model_args.hub_private)
+        print(f"Pushed the adapter and its model card to the Hub repo {model_args.push_to_hub}.")
+    return results
 
 
 if __name__ == "__main__":

@@ -370,7 +370,8 @@ _PUSH_KWARGS = {"commit_message", "commit_description", "private", "token", "rev
                 "task_names", "task_files", "extra_tags"}
 
 
-def _is_lpi(model: Any) -> bool:
+def is_lpi_model(model: Any) -> bool:
+    """Whether `model` is a PeftModel holding an LPI adapter (or an LPIModel)."""
     try:
         _lpi_tuner(model)
     except TypeError:
@@ -389,7 +390,7 @@ def install_push_to_hub() -> None:
 
     @functools.wraps(original)
     def push_to_hub(self: Any, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if not _is_lpi(self):
+        if not is_lpi_model(self):
             return original(self, repo_id, *args, **kwargs)
         if args:
             raise TypeError("push_to_hub takes the repo id positionally and everything else by keyword.")

@@ -343,10 +343,22 @@ class ContinualTrainer:
             embeds = self._embed(modality, inputs, task_ids, index)
             outputs.append(embeds)
             order.append(positions_batch.to(acc.device))
-        embeds = acc.gather_for_metrics(torch.cat(outputs)) if outputs else torch.empty(0)
-        positions_all = acc.gather_for_metrics(torch.cat(order))
-        result = torch.empty_like(embeds)
-        result[positions_all.long()] = embeds
+        return self._gather_in_order(outputs, order, len(items))
+
+    def _gather_in_order(self, outputs: list[torch.Tensor], order: list[torch.Tensor], total: int) -> torch.Tensor:
+        """Gather every process's embeddings and put them back in dataset order.
+
+        Accelerate pads a short last shard by wrapping around; such duplicates carry the position of a sample
+        already encoded, so writing by position removes them whatever the padding was.
+        """
+        acc = self.accelerator
+        embeds = torch.cat(outputs) if outputs else torch.empty(0, 1, device=acc.device)
+        positions = torch.cat(order) if order else torch.empty(0, dtype=torch.long, device=acc.device)
+        embeds = acc.gather(acc.pad_across_processes(embeds.contiguous(), dim=0))
+        positions = acc.gather(acc.pad_across_processes(positions.contiguous(), dim=0, pad_index=-1))
+        keep = positions >= 0
+        result = embeds.new_empty(total, embeds.shape[-1])
+        result[positions[keep].long()] = embeds[keep]
         return result.float().cpu()
 
     def _text_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -435,11 +447,7 @@ class ContinualTrainer:
             inputs = self._text_inputs([texts[i] for i in index])
             outputs.append(self._embed("text", inputs, task_ids, index))
             order.append(positions.to(acc.device))
-        embeds = acc.gather_for_metrics(torch.cat(outputs))
-        positions_all = acc.gather_for_metrics(torch.cat(order))
-        result = torch.empty_like(embeds)
-        result[positions_all.long()] = embeds
-        return result.float().cpu()
+        return self._gather_in_order(outputs, order, len(texts))
 
     def _routing_from_embeddings(self, image_task: torch.Tensor, text_task: torch.Tensor, rows: list[int],
                                  texts: list[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from accelerate.state import AcceleratorState
 from transformers import CLIPModel
 
 import peft_lpi  # noqa: F401
+from peft_lpi.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
 from peft_lpi.baselines import (
     METHOD_NAMES,
     LoRAMethod,
@@ -18,7 +19,6 @@ from peft_lpi.baselines import (
     lora_adapter_name,
     matched_full_rank_std,
 )
-from peft_lpi.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
 from peft_lpi.evaluation import continual_metrics
 from peft_lpi.model import embedding_of
@@ -63,7 +63,7 @@ def run(name: str, world, tmp_path, **lpi_overrides):
     model, method = build_method(name, tiny_base(tokenizer), 2, {**LPI_KWARGS, **lpi_overrides})
     initial = snapshot(model)
     args = ContinualTrainingArguments(
-        output_dir=str(tmp_path / name), epochs=1, max_steps_per_task=2, batch_size=16, eval_batch_size=64,
+        output_dir=str(tmp_path / name), epochs=1, max_steps_per_task=1, batch_size=16, eval_batch_size=64,
         optimizer="adamw", learning_rate=5e-2, weight_decay=0.0, progress=False, recall_ks=[1, 5],
     )
     trainer = ContinualTrainer(model, tokenizer, processor, data, args, method=method)
@@ -110,7 +110,9 @@ def test_zero_shot_embeddings_equal_the_base_models(runs, world):
         expected = embedding_of(reference.get_text_features(**inputs))
     assert routes is None and torch.equal(got, expected)
     assert results["trainable_parameters_per_task"] == 0
-    assert results["modes"]["oracle"]["strict"]["summary"]["i2t_R@1"]["forgetting"] == 0.0  # nothing changes
+    # Nothing trains, so task 0 can only lose recall through the distractors task 1 adds to the joint gallery.
+    for key, matrix in results["modes"]["oracle"]["strict"]["matrices"].items():
+        assert matrix[1][0] <= matrix[0][0], key
 
 
 def test_shared_prompt_trains_one_set_on_every_task_and_forgets(runs):
@@ -132,7 +134,7 @@ def test_s_prompts_is_full_rank_per_task_without_interaction(runs):
     k, p = bank.depth, bank.prompt_length
     assert results["trainable_parameters_per_task"] == k * p * (WIDTH + WIDTH)
     assert all(task.correlation is None for task in bank.tasks)
-    std = float(bank.tasks[1].full_prompts["vision"].std())
+    std = float(torch.cat([v.flatten() for k, v in initial.items() if "full_prompts" in k]).std())
     assert std == pytest.approx(matched_full_rank_std(0.5, LPI_KWARGS["rank"]), rel=0.2)
     for key, value in after0.items():
         if ".tasks.0." in key:

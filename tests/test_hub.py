@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_lpi
 import peft_lpi.hub as hub
+import peft_lpi.report
 from peft_lpi import LPIConfig
 from peft_lpi.evaluation import continual_metrics
 from peft_lpi.io import CheckpointError, read_task_file
@@ -298,3 +299,48 @@ def test_load_back_from_a_hub_snapshot_offline(stub, tmp_path, monkeypatch):
     with pytest.raises(Exception, match="offline|cannot find|not found|LocalEntryNotFound"):
         hub.pull_task_from_hub(copy.deepcopy(target), REPO, "tasks/task_9.safetensors")
     assert (snapshot / "README.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------- the example's flag
+def test_example_push_to_hub_flag_uploads_after_training(stub, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from accelerate.state import AcceleratorState
+    from fault_run import build_base
+
+    from peft_lpi.backbone import build_world_tokenizer, world_image_processor
+
+    tokenizer = build_world_tokenizer()
+    backbone = tmp_path / "backbone"
+    build_base(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    world_image_processor([0.5] * 3, [0.25] * 3).save_pretrained(backbone)
+    spec = importlib.util.spec_from_file_location(
+        "continual_retrieval", Path(__file__).resolve().parents[1] / "examples" / "continual_retrieval.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "continual_retrieval", example)  # dataclasses resolve annotations there
+    monkeypatch.setattr(peft_lpi.report, "plot_results", lambda *a, **k: [])  # seconds of matplotlib
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "set_num_threads", lambda n: None)  # the example sizes threads for real runs
+            results = example.main([
+                "--model", str(backbone), "--train_per_task", "8", "--val_per_task", "2", "--max_tasks", "2",
+                "--epochs", "1", "--batch_size", "4", "--max_steps_per_task", "1", "--prompt_depth", "1",
+                "--prompt_length", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--progress", "false",
+                "--recall_ks", "1", "--push_to_hub", "user/example-run", "--hub_private", "true",
+            ])
+    finally:
+        AcceleratorState._reset_state(True)
+        torch.set_num_threads(threads)
+    assert stub.names() == ["create_repo", "upload_folder"] and stub.calls[0][1]["private"] is True
+    card = stub.card()
+    names = results["task_names"]
+    assert "| 0 | " + names[0] + " |" in card.text and "| 1 | " + names[1] + " |" in card.text
+    assert "Routing (task-ID) accuracy after the last task" in card.text
+    assert json.loads(stub.files["results.json"])["modes"] == results["modes"]
+    assert str(backbone) in card.text and card.data.base_model is None  # a local backbone is no Hub id

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-WORLD_VERSION = "1"  # bump whenever generation changes: cached backbones record it and are retrained on mismatch
+WORLD_VERSION = "2"  # bump whenever generation changes: cached backbones record it and are retrained on mismatch
 IMAGE_SIZE = 32
 _SCALE = 2  # objects are drawn at 2x and box-filtered down, for anti-aliasing
 _CANVAS = IMAGE_SIZE * _SCALE
@@ -59,7 +59,7 @@ _POSITION_PHRASES: dict[str, str] = {
 }
 FAMILIES: dict[str, tuple[str, ...]] = {"shapes": SHAPES, "digits": DIGITS, "letters": LETTERS}
 # Visual nuisances; the word is also the caption's style word.
-STYLES: tuple[str, ...] = ("noisy", "blurry", "tinted", "faded", "pixelated", "occluded")
+STYLES: tuple[str, ...] = ("noisy", "blurry", "tinted", "faded", "pixelated", "dark")
 
 # Per style: (generic mild range, strong task range) of its severity parameter.
 _GENERIC_SEVERITY: dict[str, tuple[float, float]] = {
@@ -68,7 +68,7 @@ _GENERIC_SEVERITY: dict[str, tuple[float, float]] = {
     "tinted": (0.2, 0.35),  # blend weight towards a tint colour
     "faded": (0.45, 0.6),  # contrast factor
     "pixelated": (16.0, 16.0),  # side of the down-sampled grid
-    "occluded": (1.0, 1.0),  # number of occluding bars
+    "dark": (0.45, 0.6),  # brightness factor
 }
 
 
@@ -93,16 +93,14 @@ class WorldTask:
 
 
 WORLD_TASKS: tuple[WorldTask, ...] = (
+    WorldTask("noisy shapes", "shapes", "noisy", (0.3, 0.36), emphasis="shape, colour, size, position under static"),
     WorldTask(
-        "noisy shapes", "shapes", "noisy", (0.22, 0.3), emphasis="shape, colour, size and position under static noise"
+        "blurry digits", "digits", "blurry", (1.5, 1.9), emphasis="which digit, and its colour, under heavy blur"
     ),
-    WorldTask("blurry digits", "digits", "blurry", (1.4, 1.8), emphasis="which digit and its colour, under heavy blur"),
-    WorldTask(
-        "tinted letters", "letters", "tinted", (0.55, 0.65), emphasis="true object colour under a strong colour cast"
-    ),
+    WorldTask("tinted letters", "letters", "tinted", (0.58, 0.68), emphasis="true object colour under a colour cast"),
     WorldTask("faded shapes", "shapes", "faded", (0.16, 0.24), emphasis="shape and colour at very low contrast"),
     WorldTask("pixelated letters", "letters", "pixelated", (8.0, 8.0), emphasis="letter identity from an 8x8 mosaic"),
-    WorldTask("occluded digits", "digits", "occluded", (3.0, 3.0), emphasis="digit identity behind three grey bars"),
+    WorldTask("dark digits", "digits", "dark", (0.18, 0.26), emphasis="digit and colour at a fifth of the brightness"),
 )
 
 _NAME_WORDS: tuple[str, ...] = ("shapes", "digits", "letters")  # used only in task names
@@ -234,16 +232,8 @@ def _apply_style(img: np.ndarray, style: str, severity: float, rng: np.random.Ge
             .resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
         )
         img = np.asarray(pil, dtype=np.float32) / 255.0
-    elif style == "occluded":
-        img = img.copy()
-        width = 2 if severity < 2 else 3
-        for _ in range(int(severity)):
-            grey = rng.uniform(0.3, 0.7)
-            start = int(rng.integers(4, IMAGE_SIZE - 4 - width))
-            if rng.random() < 0.5:
-                img[:, start : start + width] = grey
-            else:
-                img[start : start + width, :] = grey
+    elif style == "dark":
+        img = img * severity
     else:
         raise ValueError(f"unknown style {style!r}")
     return img
