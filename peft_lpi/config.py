@@ -24,6 +24,9 @@ class LPIConfig(PeftConfig):
     """
 
     num_tasks: int = field(default=1, metadata={"help": "Number of continual tasks; one factor set per task."})
+    task_names: list[str] | None = field(
+        default=None, metadata={"help": "Names of the tasks in continual order (set by the trainer; used by cards)."}
+    )
     prompt_length: int = field(default=16, metadata={"help": "P: prompt tokens inserted before each prompted layer."})
     prompt_depth: int = field(
         default=9,
@@ -112,6 +115,8 @@ class LPIConfig(PeftConfig):
 
         for name in ("num_tasks", "prompt_length", "prompt_depth", "rank", "num_keys"):
             positive_int(name)
+        if self.task_names is not None and len(self.task_names) > self.num_tasks:
+            raise ValueError(f"LPIConfig.task_names has {len(self.task_names)} names for {self.num_tasks} tasks.")
         if self.towers not in _TOWERS:
             raise ValueError(f"LPIConfig.towers must be one of {_TOWERS}, got {self.towers!r}.")
         if self.factorization not in ("cp", "full"):

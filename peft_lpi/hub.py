@@ -139,6 +139,8 @@ def model_card(
     config_dict = _config_dict(config)
     if task_names is None and results:
         task_names = list(results.get("task_names") or [])
+    if not task_names:
+        task_names = list(config_dict.get("task_names") or [])
     num_tasks = int(config_dict.get("num_tasks") or len(task_names or []) or 0)
     task_names = list(task_names or [])
     task_names += [f"task_{i}" for i in range(len(task_names), num_tasks)]

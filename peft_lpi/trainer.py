@@ -127,6 +127,8 @@ class ContinualTrainer:
                 f"The adapter has {tuner.num_tasks} tasks but the dataset has {self.num_tasks}: create it with "
                 f"LPIConfig(num_tasks={self.num_tasks}) or call add_task()."
             )
+        if hasattr(tuner, "lpi_prompts") and self.method.uses_keys:
+            tuner.active_config.task_names = list(self.task_names)  # saved with the adapter, shown in model cards
         self.train_indices = self._indices_by_task(self.train_set, "train")
         self.eval_indices = self._indices_by_task(self.eval_set, "validation")
         self.output_dir = Path(args.output_dir)
