@@ -162,6 +162,7 @@ class LPIPromptBank(nn.Module):
             factorization=factorization,
         )
         self.tasks = nn.ModuleList([LPITaskFactors(**self._factor_kwargs) for _ in range(num_tasks)])
+        self._eval_cache: dict[int, tuple[tuple, dict[str, torch.Tensor]]] = {}
         # Task keys: (T, k, D_embed) per modality, NaN until the task's keys are built; `has_keys` marks tasks with keys.
         for modality, size in key_sizes.items():
             self.register_buffer(f"{modality}_keys", torch.full((num_tasks, num_keys, size), float("nan")))
@@ -187,8 +188,25 @@ class LPIPromptBank(nn.Module):
 
     def task_prompts(self, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Prompts of the given tasks, each task computed once: {modality: (len(task_ids), K, P, D_m)} in fp32."""
-        per_task = [self.tasks[int(t)]() for t in task_ids.tolist()]
+        per_task = [self._prompts_of(int(t)) for t in task_ids.tolist()]
         return {m: torch.stack([p[m] for p in per_task]) for m in self.modalities}
+
+    def _prompts_of(self, task: int) -> dict[str, torch.Tensor]:
+        """One task's prompts; under no_grad they are cached until any of its parameters changes.
+
+        The cache key is the parameters' version counters (bumped by every in-place update: optimiser steps,
+        `load_state_dict`, `load_task`), so a cached prompt can never be stale.
+        """
+        factors = self.tasks[task]
+        if torch.is_grad_enabled():
+            return factors()
+        versions = tuple((p.data_ptr(), p._version) for p in factors.parameters())
+        cached = self._eval_cache.get(task)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        prompts = {m: p.detach() for m, p in factors().items()}
+        self._eval_cache[task] = (versions, prompts)
+        return prompts
 
     def prompts_for_samples(self, modality: str, sample_tasks: torch.Tensor) -> torch.Tensor:
         """Per-sample prompts (B, K, P, D_m): each distinct task computed once, then gathered per sample."""

@@ -8,6 +8,7 @@ methods (`get_image_features`, `get_text_features`) bypass `PeftModel.forward`.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import json
 import os
 import warnings
@@ -201,7 +202,7 @@ class LPIModel(BaseTuner):
         return self.active_bank.num_tasks
 
     def _check_task_id(self, task: Any) -> int:
-        if isinstance(task, bool) or not isinstance(task, int | torch.Tensor) or (
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral | torch.Tensor) or (
             isinstance(task, torch.Tensor) and (task.dim() != 0 or task.is_floating_point())
         ):
             raise TypeError(f"A task id must be an int, got {task!r} ({type(task).__name__}).")
@@ -343,7 +344,8 @@ class LPIModel(BaseTuner):
                 raise ValueError(f"{modality} keys must have shape (k, {width}), got {tuple(centres.shape)}.")
             repeat = torch.arange(num_keys) % centres.shape[0]
             buffer[task] = centres[repeat].to(buffer)
-        bank.has_keys[task] = True
+        both = all(bool(torch.isfinite(getattr(bank, f"{m}_keys")[task]).all()) for m in ("vision", "text"))
+        bank.has_keys[task] = both  # routing needs keys of both modalities
 
     def build_task_keys(self, task: int, *, vision: Any = None, text: Any = None, seed: int = 0) -> None:
         """k-means (k = LPIConfig.num_keys) on a task's L2-normalised prompt-free features, stored as its keys.

@@ -422,7 +422,11 @@ def test_mixed_task_batch_equals_per_sample(kind, monkeypatch):
     monkeypatch.setattr(LPITaskFactors, "forward", counting)
     model.set_task(tasks)
     img, txt = features(model, batch)
-    assert len(calls) == 2 * 3  # each distinct task computed once per tower pass
+    # Each distinct task is computed once; under no_grad the second tower pass reuses the cached prompts.
+    assert len(calls) == 3 and len({id(c) for c in calls}) == 3
+    calls.clear()
+    image_features(model, batch), text_features(model, batch)  # with grad enabled
+    assert len(calls) == 2 * 3  # with grad: once per distinct task per tower pass, no cache
     monkeypatch.setattr(LPITaskFactors, "forward", original)
     for row, task in enumerate(tasks.tolist()):
         model.set_task(task)
