@@ -8,8 +8,8 @@ methods (`get_image_features`, `get_text_features`) bypass `PeftModel.forward`.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -23,7 +23,7 @@ from . import __version__
 from .architectures import TowerSpec, find_towers
 from .config import LPIConfig
 from .factors import VISION, LPIPromptBank, LPITaskFactors
-from .io import CheckpointError, TASK_FILE_FORMAT, TASK_FILE_VERSION, read_task_file, save_tensors_atomic
+from .io import TASK_FILE_FORMAT, TASK_FILE_VERSION, CheckpointError, read_task_file, save_tensors_atomic
 from .layer import LPIPromptedLayer
 from .routing import kmeans, nearest_task
 
@@ -172,7 +172,7 @@ class LPIModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             self.merge_adapter()
-        for modality, spec in self._towers.items():
+        for spec in self._towers.values():
             layers = self.model.get_submodule(spec.layers_path)
             for index, layer in enumerate(layers):
                 if isinstance(layer, LPIPromptedLayer):
@@ -501,8 +501,9 @@ class LPIModel(BaseTuner):
         task = self._check_task_id(task)
         with torch.no_grad():
             target = bank.tasks[task]
-            for (name, param), (_, source) in zip(target.state_dict(keep_vars=True).items(), candidate.state_dict().items()):
-                param.copy_(source.to(param))
+            sources = candidate.state_dict()
+            for name, param in target.state_dict(keep_vars=True).items():
+                param.copy_(sources[name].to(param))
             for modality, value in keys.items():
                 getattr(bank, f"{modality}_keys")[task] = value.to(getattr(bank, f"{modality}_keys"))
             bank.has_keys[task] = bool(available.reshape(()).item())
