@@ -16,12 +16,16 @@ Fences and what happens to them:
   (`python script.py ...`, `python -m module ...`, `accelerate ...`, `torchrun ...`; launchers recurse into the
   script they launch), `pip install` extras must exist in pyproject.toml, `python -m pytest` is skipped (it is the
   suite itself), `export VAR=value` is accepted. Any other program fails the check.
-- ```yaml and ```json are parsed; ```text is not run (output, file layouts, interactive sessions).
+- ```yaml and ```json are parsed (an Accelerate config file must load as one); ```text is not run (output, file
+  layouts, error messages).
 - A fence without a language, or with another language, fails the check.
 
 Generated tables (between `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`): the `LPIConfig`
 fields and `ContinualTrainingArguments` in docs/api.md, the example's flags in docs/cli.md. Regenerate them with
 `python tests/test_docs.py --update`.
+
+Also checked: docs/api.md names every public function, class and `LPIModel` method; links between pages (and their
+#anchors) resolve; the injection figure and its script exist.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import re
 import runpy
@@ -351,13 +356,19 @@ def test_bash_commands_are_valid(block, monkeypatch):
 
 
 @pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.lang in ("yaml", "json")], ids=lambda b: b.where)
-def test_yaml_and_json_blocks_parse(block):
+def test_yaml_and_json_blocks_parse(block, tmp_path):
     if block.lang == "json":
         json.loads(block.code)
-    else:
-        import yaml
+        return
+    import yaml
 
-        yaml.safe_load(block.code)
+    data = yaml.safe_load(block.code)
+    if isinstance(data, dict) and "distributed_type" in data:  # an Accelerate config file: Accelerate must load it
+        from accelerate.commands.config.config_args import ClusterConfig
+
+        path = tmp_path / "accelerate_config.yaml"
+        path.write_text(block.code)
+        ClusterConfig.from_yaml_file(str(path))
 
 
 # --------------------------------------------------------------------------------------------- generated tables
@@ -371,6 +382,15 @@ def _default(value) -> str:
     return f"`{value!r}`"
 
 
+def _annotation(cls, name: str) -> str:
+    """A field's annotation as written in the source (`Field.type` is not reliable: HfArgumentParser rewrites it)."""
+    for klass in cls.__mro__:
+        annotation = inspect.get_annotations(klass).get(name)
+        if annotation is not None:
+            return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    raise AssertionError(f"{cls.__name__}.{name} has no annotation")
+
+
 def dataclass_table(cls, inherited_from: type | None = None) -> str:
     """A markdown table of a dataclass's fields (without those of `inherited_from`): name, type, default, help."""
     skip = {f.name for f in dataclasses.fields(inherited_from)} if inherited_from is not None else set()
@@ -379,7 +399,7 @@ def dataclass_table(cls, inherited_from: type | None = None) -> str:
         if f.name in skip:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = _annotation(cls, f.name)
         rows.append(f"| `{f.name}` | `{_cell(kind)}` | {_default(default)} | {_cell(f.metadata.get('help', ''))} |")
     return "\n".join(rows)
 
@@ -450,6 +470,37 @@ def test_generated_tables_match_the_code(page, name):
     )
 
 
+API_MODULES = (
+    "peft_lpi", "peft_lpi.registration", "peft_lpi.config", "peft_lpi.model", "peft_lpi.factors", "peft_lpi.layer",
+    "peft_lpi.architectures", "peft_lpi.objective", "peft_lpi.losses", "peft_lpi.similarity", "peft_lpi.routing",
+    "peft_lpi.evaluation", "peft_lpi.metrics", "peft_lpi.trainer", "peft_lpi.methods", "peft_lpi.baselines",
+    "peft_lpi.data.coco", "peft_lpi.data.generic", "peft_lpi.data.preprocess", "peft_lpi.data.world",
+    "peft_lpi.backbone", "peft_lpi.report", "peft_lpi.io", "peft_lpi.hub",
+)
+
+
+def test_api_reference_is_complete():
+    """Every public name of the package (a module's `__all__`, else its public functions and classes) and every
+    public method of LPIModel appears in docs/api.md."""
+    import importlib
+
+    from peft_lpi import LPIModel
+
+    api = (REPO / "docs/api.md").read_text(encoding="utf-8")
+    missing = []
+    for name in API_MODULES:
+        module = importlib.import_module(name)
+        public = getattr(module, "__all__", None) or [
+            n for n, obj in vars(module).items()
+            if not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == name
+        ]
+        missing += [f"{name}.{n}" for n in public if not re.search(rf"`[^`]*\b{re.escape(n)}\b", api)]
+    methods = [n for n, obj in vars(LPIModel).items() if not n.startswith("_") and callable(getattr(LPIModel, n))]
+    methods += [n for n, obj in vars(LPIModel).items() if isinstance(obj, property) and not n.startswith("_")]
+    missing += [f"LPIModel.{n}" for n in methods if not re.search(rf"`[^`]*\b{n}\b", api)]
+    assert not missing, f"not documented in docs/api.md: {missing}"
+
+
 def test_figure_script_and_image_exist():
     assert (REPO / "docs/figures/make_injection_figure.py").is_file()
     png = (REPO / "docs/figures/injection.png").read_bytes()
@@ -457,16 +508,38 @@ def test_figure_script_and_image_exist():
     assert "figures/injection.png" in (REPO / "docs/method.md").read_text(encoding="utf-8")
 
 
+def github_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a page (lower-case, punctuation dropped, spaces to hyphens)."""
+    anchors: set[str] = set()
+    in_fence = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            in_fence = not in_fence
+        heading = None if in_fence else re.match(r"#{1,6} +(.*?) *#*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
+            anchor, n = slug, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{slug}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
 def test_relative_links_resolve():
-    """Links between pages (and to files of the repository) point at something that exists."""
+    """Links between pages (and to files of the repository) point at something that exists, anchors included."""
     broken = []
     for page in PAGES:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if re.match(r"[a-z]+://|#|mailto:", target):
+            if re.match(r"[a-z]+://|mailto:", target):
                 continue
-            path = (page.parent / target.split("#")[0]).resolve()
-            if not path.exists() and path.name not in OWNED_BY_OTHERS:
-                broken.append(f"{page_id(page)} -> {target}")
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            if not path.exists():
+                if path.name not in OWNED_BY_OTHERS:
+                    broken.append(f"{page_id(page)} -> {target}")
+            elif anchor and path.suffix == ".md" and anchor not in github_anchors(path):
+                broken.append(f"{page_id(page)} -> {target} (no such heading)")
     assert not broken, broken
 
 
