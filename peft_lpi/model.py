@@ -75,6 +75,7 @@ class LPIModel(BaseTuner):
             self._routes: dict[str, torch.Tensor] = {}
             self._prompt_cache: dict[str, torch.Tensor] = {}
             self._prompts_off = False
+            self.last_routes: dict[str, torch.Tensor] = {}  # tasks chosen by the latest "auto" call, per modality
         towers = find_towers(model, config.layer_paths, config.text_causal)
         depth = min(config.prompt_depth, *(towers[m].num_layers for m in config.prompted_modalities))
         if depth < config.prompt_depth:
@@ -269,7 +270,10 @@ class LPIModel(BaseTuner):
         bank = self.active_bank
         index = bank.add_task()
         bank.tasks[index].requires_grad_(False)
-        self.active_config.num_tasks = bank.num_tasks
+        config = self.active_config
+        config.num_tasks = bank.num_tasks
+        if config.task_names is not None:
+            config.task_names = [*config.task_names, f"task_{index}"]
         return index
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:

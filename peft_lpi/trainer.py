@@ -52,8 +52,11 @@ class ContinualTrainingArguments:
     weight_decay: float = field(default=2e-4, metadata={"help": "Weight decay."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the cosine schedule (per task)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (autocast; factors fp32)."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (0 or None: off)."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "'no', 'fp16' or 'bf16' (autocast; factors stay fp32). None: what `accelerate launch` says."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and caption choice."})
     checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N optimiser steps (0: per task)."})
     resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
@@ -86,7 +89,9 @@ class TrainerState:
 
 
 class ContinualTrainer:
-    """Trains one LPI adapter over the tasks of a `DatasetDict` (schema: image, captions, task, image_id).
+    """Trains a continual method (LPI by default) task after task on a `DatasetDict`.
+
+    The dataset schema: image, captions, task (a ClassLabel in task order), image_id.
 
     Args:
         model: a PeftModel with an LPI adapter (`get_peft_model(base, LPIConfig(num_tasks=T, ...))`).
@@ -109,6 +114,8 @@ class ContinualTrainer:
         accelerator: Accelerator | None = None,
         method: ContinualMethod | None = None,
     ):
+        if args.similarity_source not in ("names", "captions"):
+            raise ValueError(f"similarity_source must be 'names' or 'captions', got {args.similarity_source!r}.")
         self.args = args
         self.accelerator = accelerator or Accelerator(
             mixed_precision=args.mixed_precision,

@@ -4,7 +4,7 @@ Fences and what happens to them:
 
 - ```python: the blocks of one page run in order in ONE fresh namespace (a page reads like a notebook: a block may
   use names defined earlier on the same page), in a temporary working directory, offline, against tiny models:
-  * the Hugging Face Hub is a local cache in offline mode (`HF_HUB_OFFLINE`) that holds a tiny random CLIP (4+4
+  * the Hugging Face Hub is a local cache in offline mode (`HF_HUB_OFFLINE`) that holds a tiny random CLIP (2+2
     layers, width 32, 32x32 images, the offline world's word-level tokenizer) under the id in `FAKE_HUB_MODELS`,
     so `CLIPModel.from_pretrained("openai/clip-vit-base-patch16")`, `AutoModel`, `AutoTokenizer`,
     `AutoImageProcessor`, `CLIPProcessor`, `snapshot_download`, `PeftModel.from_pretrained`, ... all work;
@@ -140,7 +140,7 @@ def hub_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hub")
     tokenizer = build_world_tokenizer()
     tokenizer.model_input_names = ["input_ids", "attention_mask"]  # like CLIP's tokenizer: no token_type_ids
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     config = CLIPConfig(
         text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
