@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "examples" / "continual_retrieval.py"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-QUICK_ARGS = ["--train_per_task", "600", "--val_per_task", "150", "--epochs", "2"]
+QUICK_ARGS = ["--train_per_task", "500", "--val_per_task", "100", "--epochs", "2"]
 KEYED = {"lpi", "s-prompts", "lora", "joint"}
 
 

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", choices=["lpi", "vpt"], default="lpi", help="prompt implementation")
     p.add_argument("--steps", type=int, default=150, help="optimisation steps per task (0: zero-shot only)")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--lr", type=float, default=5e-2, help="Adam peak lr (cosine, 5%% warm-up)")
     p.add_argument("--prompt_length", type=int, default=8)
     p.add_argument("--prompt_depth", type=int, default=4)
     p.add_argument("--rank", type=int, default=4)

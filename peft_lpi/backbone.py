@@ -239,6 +239,9 @@ def pretrain_backbone(
         tokenizer.save_pretrained(tmp)
         world_image_processor(mean.tolist(), std.tolist()).save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a cache folder follows the umask
         _replace_dir(tmp, target)
     finally:
         if tmp.exists():

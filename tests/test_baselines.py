@@ -231,3 +231,29 @@ def test_ablation_configs_have_the_expected_parameter_counts(world):
 def test_unknown_method_is_refused(world):
     with pytest.raises(ValueError, match="Unknown method"):
         build_method("ewc", tiny_base(world[0]), 2, {})
+
+
+def test_results_table_is_built_from_run_folders(runs, tmp_path):
+    """examples/run_results.py turns each row's results.json into one table row (joint: one stage)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("run_results", Path(__file__).parent.parent / "examples" / "run_results.py")
+    run_results = importlib.util.module_from_spec(spec)
+    sys.modules["run_results"] = run_results  # dataclasses look their module up there
+    spec.loader.exec_module(run_results)
+    for name in ("lpi", "joint", "zero-shot"):
+        folder = tmp_path / name / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(runs[name][1]))
+    text = run_results.table(tmp_path, quick=True)
+    lines = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "not run" in lines["| sequential FT, one shared prompt set"]
+    assert "| 1 |" in lines["| **LPI** (K=4, P=8, r=4)"] and "—" in lines["| **LPI** (K=4, P=8, r=4)"]
+    assert any(word in lines["| joint multi-task LPI (upper bound)"] for word in ("wins", "ties", "tie", "loses"))
+    doc = tmp_path / "results.md"
+    doc.write_text("# intro\n\n" + run_results.BEGIN + "\nold\n" + run_results.END + "\n\nanalysis kept\n")
+    run_results.write_table(doc, text)
+    assert "analysis kept" in doc.read_text() and "old" not in doc.read_text().split(run_results.END)[0]

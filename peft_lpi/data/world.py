@@ -93,14 +93,14 @@ class WorldTask:
 
 
 WORLD_TASKS: tuple[WorldTask, ...] = (
-    WorldTask("noisy shapes", "shapes", "noisy", (0.3, 0.36), emphasis="shape, colour, size, position under static"),
+    WorldTask("noisy letters", "letters", "noisy", (0.3, 0.36), emphasis="letter, colour, size, position under static"),
     WorldTask(
         "blurry digits", "digits", "blurry", (1.5, 1.9), emphasis="which digit, and its colour, under heavy blur"
     ),
     WorldTask("tinted letters", "letters", "tinted", (0.58, 0.68), emphasis="true object colour under a colour cast"),
     WorldTask("faded shapes", "shapes", "faded", (0.16, 0.24), emphasis="shape and colour at very low contrast"),
     WorldTask("pixelated letters", "letters", "pixelated", (8.0, 8.0), emphasis="letter identity from an 8x8 mosaic"),
-    WorldTask("dark digits", "digits", "dark", (0.18, 0.26), emphasis="digit and colour at a fifth of the brightness"),
+    WorldTask("dark digits", "digits", "dark", (0.3, 0.38), emphasis="digit and colour at a third of the brightness"),
 )
 
 _NAME_WORDS: tuple[str, ...] = ("shapes", "digits", "letters")  # used only in task names
