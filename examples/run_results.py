@@ -6,7 +6,8 @@
 Every row is one call of `examples/continual_retrieval.py` (same data, backbone, optimiser and evaluation; only
 `--method` and the ablation flags differ), run as a subprocess so that its peak memory is its own, into
 `<out>/<row>/seed<N>/`. Rows whose results.json exists are skipped, so the script resumes where it stopped.
-Order: the main rows with seed 0, then the ablations (seed 0), then the extra seeds of the main rows.
+Order: the main rows with seed 0, the ablations (seed 0), the learning-rate rows (seed 0), then the extra seeds of
+the main rows.
 `--table_only` just rebuilds the table from what has run. The table is written between the markers
 `<!-- results:begin -->` / `<!-- results:end -->` of docs/results.md; text outside the markers is kept.
 """
@@ -55,6 +56,14 @@ ABLATION_ROWS = [
     *[Row(f"lpi-rank{r}", f"LPI rank {r}", "lpi", ["--rank", str(r)]) for r in (1, 2, 8, 16)],
     Row("lpi-depth1", "LPI depth 1 (what the authors' retrieval code ran)", "lpi", ["--prompt_depth", "1"]),
     Row("lpi-depth3", "LPI depth 3", "lpi", ["--prompt_depth", "3"]),
+]
+# The shared protocol's learning rate (AdamW 2e-2, the offline default chosen for LPI's CP factors) is high for
+# weights that start at zero or small scale; these rows give the baselines a 10x smaller one.
+LR_ROWS = [
+    Row("lora-lr2e-3", "per-task LoRA, lr 2e-3", "lora", ["--learning_rate", "2e-3"]),
+    Row("s-prompts-lr2e-3", "S-Prompts-style, lr 2e-3", "s-prompts", ["--learning_rate", "2e-3"]),
+    Row("shared-prompt-lr2e-3", "sequential FT shared prompt, lr 2e-3", "shared-prompt", ["--learning_rate", "2e-3"]),
+    Row("lpi-lr2e-3", "LPI, lr 2e-3", "lpi", ["--learning_rate", "2e-3"]),
 ]
 
 
@@ -145,7 +154,7 @@ def verdict(lpi: dict, other: dict, key: str = "mean_R@1") -> str:
 
 
 def table(root: Path, quick: bool) -> str:
-    stats = {row.name: aggregate(runs) for row in MAIN_ROWS + ABLATION_ROWS if (runs := load(root, row))}
+    stats = {row.name: aggregate(runs) for row in MAIN_ROWS + ABLATION_ROWS + LR_ROWS if (runs := load(root, row))}
     lpi = stats.get("lpi", {})
     header = (
         "| row | seeds | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | stage-avg R@1 | forgetting R@1 | routing img / txt % "
@@ -153,7 +162,12 @@ def table(root: Path, quick: bool) -> str:
     )
     rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     lines = [BEGIN, "", f"Results directory: `{root}`; mode: {'--quick' if quick else 'full'}.", ""]
-    for title, rows in (("Main rows (mean ± sample std over seeds)", MAIN_ROWS), ("LPI ablations (seed 0)", ABLATION_ROWS)):
+    sections = (
+        ("Main rows (mean ± sample std over seeds)", MAIN_ROWS),
+        ("LPI ablations (seed 0)", ABLATION_ROWS),
+        ("Learning-rate sensitivity: every trained method at a 10x smaller lr (seed 0)", LR_ROWS),
+    )
+    for title, rows in sections:
         lines += [f"### {title}", "", header, rule]
         for row in rows:
             s = stats.get(row.name)
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"), help="Markdown file of the table.")
     parser.add_argument("--quick", action="store_true", help=f"Smaller benchmark: {' '.join(QUICK_ARGS)}.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the main rows.")
-    parser.add_argument("--phases", default="main,ablations,seeds", help="Which of main,ablations,seeds to run.")
+    parser.add_argument("--phases", default="main,ablations,lr,seeds", help="Which of main,ablations,lr,seeds to run.")
     parser.add_argument("--rows", nargs="*", default=None, help="Only these row names.")
     parser.add_argument("--table_only", action="store_true", help="Do not run anything; rebuild the table.")
     parser.add_argument("extra", nargs="*", help="Extra arguments for continual_retrieval.py (after --).")
@@ -217,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             plan += [(row, args.seeds[0]) for row in MAIN_ROWS]
         if "ablations" in phases:
             plan += [(row, args.seeds[0]) for row in ABLATION_ROWS]
+        if "lr" in phases:
+            plan += [(row, args.seeds[0]) for row in LR_ROWS]
         if "seeds" in phases:
             plan += [(row, seed) for seed in args.seeds[1:] for row in MAIN_ROWS]
         for row, seed in plan:
