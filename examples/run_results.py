@@ -44,7 +44,7 @@ MAIN_ROWS = [
     Row("zero-shot", "zero-shot backbone", "zero-shot", main=True),
     Row("shared-prompt", "sequential FT, one shared prompt set", "shared-prompt", main=True),
     Row("s-prompts", "S-Prompts-style full-rank per-task prompts", "s-prompts", main=True),
-    Row("lora", "per-task LoRA (r=4, q/k/v/out, both towers)", "lora", main=True),
+    Row("lora", "per-task LoRA (r=4, q/k/v/out, both towers) at the shared lr", "lora", main=True),
     Row("lpi", "**LPI** (K=4, P=8, r=4)", "lpi", main=True),
     Row("joint", "joint multi-task LPI (upper bound)", "joint", main=True),
 ]
@@ -161,7 +161,8 @@ def table(root: Path, quick: bool) -> str:
         "| oracle R@1 | params/task | train s/task | peak MiB | vs LPI (mean R@1) |"
     )
     rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    lines = [BEGIN, "", f"Results directory: `{root}`; mode: {'--quick' if quick else 'full'}.", ""]
+    shown = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
+    lines = [BEGIN, "", f"Results directory: `{shown}`; mode: {'--quick' if quick else 'full'}.", ""]
     sections = (
         ("Main rows (mean ± sample std over seeds)", MAIN_ROWS),
         ("LPI ablations (seed 0)", ABLATION_ROWS),

@@ -251,6 +251,7 @@ def test_results_table_is_built_from_run_folders(runs, tmp_path):
     text = run_results.table(tmp_path, quick=True)
     lines = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "not run" in lines["| sequential FT, one shared prompt set"]
+    assert "not run" in lines["| LPI, lr 2e-3"]
     assert "| 1 |" in lines["| **LPI** (K=4, P=8, r=4)"] and "—" in lines["| **LPI** (K=4, P=8, r=4)"]
     assert any(word in lines["| joint multi-task LPI (upper bound)"] for word in ("wins", "ties", "tie", "loses"))
     doc = tmp_path / "results.md"
