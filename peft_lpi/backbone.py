@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,17 @@ DEFAULT_PAIRS = 30_000
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # ids 0..3: EOS is 3, never the legacy 2
 
 
-def build_world_tokenizer() -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over the world vocabulary (lower-case, whitespace split, BOS ... EOS)."""
+def word_level_tokenizer(words: Iterable[str], model_max_length: int, **kwargs: Any) -> PreTrainedTokenizerFast:
+    """A WordLevel fast tokenizer (lower-case, whitespace split) that wraps each text as [BOS] ... [EOS].
+
+    Ids: [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3 (never the legacy CLIP EOS 2), then `words` (lower-cased, deduplicated)
+    in order. `kwargs` go to `PreTrainedTokenizerFast`.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORLD_VOCABULARY)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -53,9 +60,14 @@ def build_world_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="[EOS]",
         pad_token="[PAD]",
         unk_token="[UNK]",
-        model_max_length=TEXT_POSITIONS,
-        padding_side="right",
+        model_max_length=model_max_length,
+        **kwargs,
     )
+
+
+def build_world_tokenizer() -> PreTrainedTokenizerFast:
+    """The world backbone's tokenizer: `word_level_tokenizer` over the world vocabulary."""
+    return word_level_tokenizer(WORLD_VOCABULARY, TEXT_POSITIONS, padding_side="right")
 
 
 def tiny_clip_config(tokenizer: PreTrainedTokenizerFast) -> CLIPConfig:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+from peft_lpi.backbone import word_level_tokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # EOS != 2: CLIP then pools at the first EOS token (not argmax of ids)
 TINY_VOCAB_SIZE = 100
@@ -20,28 +20,11 @@ def tiny_word_tokenizer(words: Iterable[str], model_max_length: int = TINY_MAX_P
     Ids: [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3, then `words` (deduplicated, lower-cased) in order; at most
     TINY_VOCAB_SIZE ids in all.
     """
-    vocab = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[BOS]": BOS_ID, "[EOS]": EOS_ID}
-    for word in words:
-        vocab.setdefault(word.lower(), len(vocab))
-    if len(vocab) > TINY_VOCAB_SIZE:
-        raise ValueError(f"{len(vocab)} tokens do not fit the tiny vocabulary of {TINY_VOCAB_SIZE}.")
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]",
-        pair="[BOS] $A [EOS] $B [EOS]",
-        special_tokens=[("[BOS]", BOS_ID), ("[EOS]", EOS_ID)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        model_max_length=model_max_length,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    tokenizer = word_level_tokenizer(words, model_max_length, model_input_names=["input_ids", "attention_mask"])
+    if len(tokenizer.get_vocab()) > TINY_VOCAB_SIZE:
+        raise ValueError(f"{len(tokenizer.get_vocab())} tokens do not fit the tiny vocabulary of {TINY_VOCAB_SIZE}.")
+    assert tokenizer.convert_tokens_to_ids(["[PAD]", "[UNK]", "[BOS]", "[EOS]"]) == [PAD_ID, UNK_ID, BOS_ID, EOS_ID]
+    return tokenizer
 
 
 def _text_config(tokenizer: PreTrainedTokenizerFast | None) -> dict:

@@ -8,32 +8,17 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from peft_lpi.backbone import word_level_tokenizer
 from peft_lpi.data import RetrievalCollator, caption_id, continual_features, flatten_captions
 
 WORDS = "a red blue circle square on the left right big small".split()
 
 
 def _tokenizer(model_max_length: int = 8) -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        model_max_length=model_max_length,
-    )
+    return word_level_tokenizer(WORDS, model_max_length)
 
 
 @pytest.fixture(scope="module")
