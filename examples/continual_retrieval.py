@@ -42,10 +42,22 @@ OFFLINE_TRAINING_DEFAULTS = dict(
     batch_size=64,
     eval_batch_size=512,
     optimizer="adamw",
-    learning_rate=5e-2,
+    learning_rate=None,  # None: the method's rate below
     weight_decay=0.0,
     warmup_steps=5,
+    preprocess_images=None,  # None: on for the offline world (32 px images), off for other datasets
 )
+# AdamW peak learning rate of each method on the offline benchmark: the best of the sweep in docs/results.md
+# (`python examples/run_results.py --quick --phases sweep`). Weights that start at zero (LoRA's B) or tiny full-rank
+# prompts want a smaller rate than LPI's CP factors; an explicit --learning_rate overrides this table.
+OFFLINE_LEARNING_RATES = {
+    "lpi": 5e-2,
+    "joint": 5e-2,
+    "s-prompts": 5e-2,
+    "shared-prompt": 5e-2,
+    "lora": 2e-3,
+    "zero-shot": 0.0,
+}
 
 
 @dataclass
@@ -132,7 +144,19 @@ def load_data(args: DataArguments):
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, ContinualTrainingArguments))
     parser.set_defaults(**OFFLINE_TRAINING_DEFAULTS)
+    parser._option_string_actions["--learning_rate"].help = (
+        "Peak learning rate. Default: the method's AdamW rate on the offline benchmark ("
+        + ", ".join(f"{name} {rate:g}" for name, rate in OFFLINE_LEARNING_RATES.items() if rate)
+        + "; docs/results.md)."
+    )
+    parser._option_string_actions["--preprocess_images"].help += " Default: on for the offline world, off otherwise."
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    if train_args.learning_rate is None:
+        if model_args.method not in OFFLINE_LEARNING_RATES:
+            sys.exit(f"Unknown --method {model_args.method!r}; choose one of {', '.join(OFFLINE_LEARNING_RATES)}.")
+        train_args.learning_rate = OFFLINE_LEARNING_RATES[model_args.method]
+    if train_args.preprocess_images is None:
+        train_args.preprocess_images = data_args.dataset == OFFLINE
     from datetime import timedelta
 
     accelerator = Accelerator(
@@ -141,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         log_with=train_args.log_with,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
     )
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    if accelerator.device.type == "cpu":  # share the cores between processes (OMP_NUM_THREADS, when set, decides)
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     base, tokenizer, image_processor = load_backbone(model_args, accelerator)
     data = load_data(data_args)
     num_tasks = data["train"].features["task"].num_classes

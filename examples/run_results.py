@@ -1,13 +1,17 @@
 """Run every row of the results table (baselines, LPI, ablations) on the offline benchmark and write docs/results.md.
 
     python examples/run_results.py                 # full protocol (long on CPU)
-    python examples/run_results.py --quick         # fewer images and steps per task (what fits a CPU hour)
+    python examples/run_results.py --quick --jobs 2  # fewer images and steps per task, two rows at a time
 
 Every row is one call of `examples/continual_retrieval.py` (same data, backbone, optimiser and evaluation; only
-`--method` and the ablation flags differ), run as a subprocess so that its peak memory is its own, into
-`<out>/<row>/seed<N>/`. Rows whose results.json exists are skipped, so the script resumes where it stopped.
-Order: the main rows with seed 0, the ablations (seed 0), the learning-rate rows (seed 0), then the extra seeds of
-the main rows.
+`--method`, `--learning_rate` and the ablation flags differ), run as a subprocess so that its peak memory is its
+own, into `<out>/<row>/seed<N>/`. Rows whose results.json exists are skipped, so the script resumes where it stopped.
+Phases, in order:
+- sweep: every trained continual method (shared-prompt, s-prompts, lora, lpi) at every AdamW rate of SWEEP_LRS,
+  seed 0; each method's rate is then the one with the best final mean R@1 (`--lr METHOD=RATE` overrides);
+- main: zero-shot, every method at its rate (seed 0 is the sweep's run) and joint at LPI's rate;
+- ablations: LPI variants at LPI's rate (seed 0);
+- seeds: the main rows with the other seeds.
 `--table_only` just rebuilds the table from what has run. The table is written between the markers
 `<!-- results:begin -->` / `<!-- results:end -->` of docs/results.md; text outside the markers is kept.
 """
@@ -17,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,31 +46,74 @@ class Row:
     main: bool = False
 
 
-MAIN_ROWS = [
-    Row("zero-shot", "zero-shot backbone", "zero-shot", main=True),
-    Row("shared-prompt", "sequential FT, one shared prompt set", "shared-prompt", main=True),
-    Row("s-prompts", "S-Prompts-style full-rank per-task prompts", "s-prompts", main=True),
-    Row("lora", "per-task LoRA (r=4, q/k/v/out, both towers) at the shared lr", "lora", main=True),
-    Row("lpi", "**LPI** (K=4, P=8, r=4)", "lpi", main=True),
-    Row("joint", "joint multi-task LPI (upper bound)", "joint", main=True),
+SWEEP_METHODS = ("shared-prompt", "s-prompts", "lora", "lpi")
+SWEEP_LRS = (5e-2, 2e-2, 5e-3, 2e-3)
+LABELS = {
+    "zero-shot": "zero-shot backbone",
+    "shared-prompt": "sequential FT, one shared prompt set",
+    "s-prompts": "S-Prompts-style full-rank per-task prompts",
+    "lora": "per-task LoRA (r=4, q/k/v/out, both towers)",
+    "lpi": "**LPI** (K=4, P=8, r=4)",
+    "joint": "joint multi-task LPI (upper bound)",
+}
+ABLATIONS = [  # (name, label, flags): run with LPI's learning rate
+    ("no-shared-A", "LPI without the shared layer factor", ["--no_shared_layer_factor", "true"]),
+    ("no-interaction", "LPI without the correlation module", ["--no_interaction", "true"]),
+    ("no-align", "LPI without the alignment loss", ["--align_weight", "0"]),
+    ("no-task", "LPI without the task loss", ["--task_weight", "0"]),
+    *[(f"rank{r}", f"LPI rank {r}", ["--rank", str(r)]) for r in (1, 2, 8, 16)],
+    ("depth1", "LPI depth 1 (what the authors' retrieval code ran)", ["--prompt_depth", "1"]),
+    ("depth3", "LPI depth 3", ["--prompt_depth", "3"]),
 ]
-ABLATION_ROWS = [
-    Row("lpi-no-shared-A", "LPI without the shared layer factor", "lpi", ["--no_shared_layer_factor", "true"]),
-    Row("lpi-no-interaction", "LPI without the correlation module", "lpi", ["--no_interaction", "true"]),
-    Row("lpi-no-align", "LPI without the alignment loss", "lpi", ["--align_weight", "0"]),
-    Row("lpi-no-task", "LPI without the task loss", "lpi", ["--task_weight", "0"]),
-    *[Row(f"lpi-rank{r}", f"LPI rank {r}", "lpi", ["--rank", str(r)]) for r in (1, 2, 8, 16)],
-    Row("lpi-depth1", "LPI depth 1 (what the authors' retrieval code ran)", "lpi", ["--prompt_depth", "1"]),
-    Row("lpi-depth3", "LPI depth 3", "lpi", ["--prompt_depth", "3"]),
-]
-# The shared protocol's learning rate (AdamW 2e-2, the offline default chosen for LPI's CP factors) is high for
-# weights that start at zero or small scale; these rows give the baselines a 10x smaller one.
-LR_ROWS = [
-    Row("lora-lr2e-3", "per-task LoRA, lr 2e-3", "lora", ["--learning_rate", "2e-3"]),
-    Row("s-prompts-lr2e-3", "S-Prompts-style, lr 2e-3", "s-prompts", ["--learning_rate", "2e-3"]),
-    Row("shared-prompt-lr2e-3", "sequential FT shared prompt, lr 2e-3", "shared-prompt", ["--learning_rate", "2e-3"]),
-    Row("lpi-lr2e-3", "LPI, lr 2e-3", "lpi", ["--learning_rate", "2e-3"]),
-]
+
+
+def lr_tag(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def sweep_rows() -> list[Row]:
+    """Every trained continual method at every learning rate of the grid (seed 0)."""
+    return [
+        Row(f"{m}-{lr_tag(lr)}", f"{LABELS[m]}, lr {lr:g}", m, ["--learning_rate", f"{lr:g}"])
+        for m in SWEEP_METHODS
+        for lr in SWEEP_LRS
+    ]
+
+
+def best_learning_rates(root: Path, overrides: dict[str, float], seed: int = 0) -> dict[str, float]:
+    """Per method, the grid rate with the best final mean R@1 (i2t and t2i, the method's own routing) at seed 0."""
+    best = dict(overrides)
+    for method in SWEEP_METHODS:
+        if method in best:
+            continue
+        scored = []
+        for row in sweep_rows():
+            if row.method == method and (runs := load(root, row, seeds=[seed])):
+                scored.append((row_metrics(runs[0])["mean_R@1"], float(row.args[1])))
+        if scored:
+            best[method] = max(scored)[1]
+    if "lpi" in best:
+        best.setdefault("joint", best["lpi"])
+    return best
+
+
+def main_rows(best: dict[str, float]) -> list[Row]:
+    """zero-shot, then every method at its best rate (the folder is the sweep's, so seed 0 is reused)."""
+    rows = [Row("zero-shot", LABELS["zero-shot"], "zero-shot", main=True)]
+    for method in (*SWEEP_METHODS, "joint"):
+        if method in best:
+            lr = best[method]
+            rows.append(Row(f"{method}-{lr_tag(lr)}", f"{LABELS[method]}, lr {lr:g}", method,
+                            ["--learning_rate", f"{lr:g}"], main=True))
+    return rows
+
+
+def ablation_rows(best: dict[str, float]) -> list[Row]:
+    if "lpi" not in best:
+        return []
+    lr = best["lpi"]
+    return [Row(f"lpi-{name}-{lr_tag(lr)}", label, "lpi", [*flags, "--learning_rate", f"{lr:g}"])
+            for name, label, flags in ABLATIONS]
 
 
 def command(row: Row, seed: int, out: Path, quick: bool, extra: list[str]) -> list[str]:
@@ -74,7 +123,7 @@ def command(row: Row, seed: int, out: Path, quick: bool, extra: list[str]) -> li
     ]
 
 
-def run_row(row: Row, seed: int, root: Path, quick: bool, extra: list[str]) -> None:
+def run_row(row: Row, seed: int, root: Path, quick: bool, extra: list[str], threads: int | None = None) -> None:
     out = root / row.name / f"seed{seed}"
     if (out / "results.json").is_file():
         print(f"[skip] {row.name} seed {seed}: {out / 'results.json'} exists", flush=True)
@@ -83,8 +132,9 @@ def run_row(row: Row, seed: int, root: Path, quick: bool, extra: list[str]) -> N
     cmd = command(row, seed, out, quick, extra)
     print(f"[run ] {row.name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(out / "log.txt", "w") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     status = "done" if code == 0 else f"FAILED (exit {code}, see {out / 'log.txt'})"
     print(f"[{status[:4].lower()}] {row.name} seed {seed} in {time.perf_counter() - started:.0f} s {status}", flush=True)
 
@@ -94,10 +144,12 @@ def run_row(row: Row, seed: int, root: Path, quick: bool, extra: list[str]) -> N
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load(root: Path, row: Row) -> list[dict]:
+def load(root: Path, row: Row, seeds: list[int] | None = None) -> list[dict]:
+    """The results.json of the row's seeds on disk (all of them, or only `seeds`)."""
     found = []
     for path in sorted((root / row.name).glob("seed*/results.json")):
-        found.append(json.loads(path.read_text()))
+        if seeds is None or int(path.parent.name[4:]) in seeds:
+            found.append(json.loads(path.read_text()))
     return found
 
 
@@ -153,32 +205,38 @@ def verdict(lpi: dict, other: dict, key: str = "mean_R@1") -> str:
     return f"{word} ({gap:+.1f})"
 
 
-def table(root: Path, quick: bool) -> str:
-    stats = {row.name: aggregate(runs) for row in MAIN_ROWS + ABLATION_ROWS + LR_ROWS if (runs := load(root, row))}
-    lpi = stats.get("lpi", {})
+def table(root: Path, quick: bool, best: dict[str, float], seed: int = 0) -> str:
+    mains, ablations, sweep = main_rows(best), ablation_rows(best), sweep_rows()
+    stats = {row.name: aggregate(runs) for row in mains + ablations + sweep if (runs := load(root, row))}
+    # the sweep compares seed 0 of every rate; the main rows average every seed
+    sweep_stats = {row.name: aggregate(runs) for row in sweep if (runs := load(root, row, seeds=[seed]))}
+    lpi_row = next((row.name for row in mains if row.method == "lpi"), None)
+    lpi = stats.get(lpi_row, {})
     header = (
         "| row | seeds | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | stage-avg R@1 | forgetting R@1 | routing img / txt % "
         "| oracle R@1 | params/task | train s/task | peak MiB | vs LPI (mean R@1) |"
     )
     rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     shown = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
-    lines = [BEGIN, "", f"Results directory: `{shown}`; mode: {'--quick' if quick else 'full'}.", ""]
+    rates = ", ".join(f"{m} {lr:g}" for m, lr in best.items())
+    lines = [BEGIN, "", f"Results directory: `{shown}`; mode: {'--quick' if quick else 'full'}; "
+             f"learning rate per method (best of the sweep): {rates or 'sweep not run'}.", ""]
     sections = (
-        ("Main rows (mean ± sample std over seeds)", MAIN_ROWS),
-        ("LPI ablations (seed 0)", ABLATION_ROWS),
-        ("Learning-rate sensitivity: every trained method at a 10x smaller lr (seed 0)", LR_ROWS),
+        ("Main rows: every method at its best learning rate (mean ± sample std over seeds)", mains, stats),
+        ("LPI ablations (seed 0, LPI's learning rate)", ablations, stats),
+        ("Learning-rate sweep (seed 0): the grid every trained method was tuned on", sweep, sweep_stats),
     )
-    for title, rows in sections:
+    for title, rows, section_stats in sections:
         lines += [f"### {title}", "", header, rule]
         for row in rows:
-            s = stats.get(row.name)
+            s = section_stats.get(row.name)
             if s is None:
                 lines.append(f"| {row.label} | 0 | not run |" + " |" * 12)
                 continue
             routing = (f"{fmt(s, 'routing_image', spread=False)} / {fmt(s, 'routing_text', spread=False)}"
                        if "routing_image" in s else "– (none)")
             n = max(v[2] for v in s.values())
-            versus = "—" if row.name == "lpi" else verdict(lpi, s)
+            versus = "—" if row.name == lpi_row and section_stats is stats else verdict(lpi, s)
             lines.append(
                 f"| {row.label} | {n} | {fmt(s, 'i2t_R@1')} | {fmt(s, 'i2t_R@5')} | {fmt(s, 't2i_R@1')} | "
                 f"{fmt(s, 't2i_R@5')} | {fmt(s, 'stage_avg_R@1')} | {fmt(s, 'forgetting_R@1')} | {routing} | "
@@ -213,34 +271,60 @@ def write_table(path: Path, text: str) -> None:
     print(f"wrote {path}", flush=True)
 
 
+def run_plan(plan: list[tuple[Row, int]], args: argparse.Namespace, best: dict[str, float]) -> None:
+    """Run the rows, `--jobs` at a time (each with cores // jobs threads), rewriting the table after each."""
+    root, doc = Path(args.out), Path(args.doc)
+    plan = [(row, seed) for row, seed in plan if args.rows is None or row.name in args.rows]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def one(item: tuple[Row, int]) -> None:
+        run_row(item[0], item[1], root, args.quick, args.extra, threads)
+        write_table(doc, table(root, args.quick, best, args.seeds[0]))
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, plan))
+
+
+def parse_overrides(items: list[str]) -> dict[str, float]:
+    overrides = {}
+    for item in items:
+        method, _, rate = item.partition("=")
+        if method not in LABELS or not rate:
+            raise SystemExit(f"--lr takes METHOD=RATE with METHOD one of {', '.join(LABELS)}; got {item!r}.")
+        overrides[method] = float(rate)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "results"), help="Folder of the runs.")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"), help="Markdown file of the table.")
     parser.add_argument("--quick", action="store_true", help=f"Smaller benchmark: {' '.join(QUICK_ARGS)}.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the main rows.")
-    parser.add_argument("--phases", default="main,ablations,lr,seeds", help="Which of main,ablations,lr,seeds to run.")
+    parser.add_argument("--phases", default="sweep,main,ablations,seeds",
+                        help="Which of sweep,main,ablations,seeds to run (in that order).")
     parser.add_argument("--rows", nargs="*", default=None, help="Only these row names.")
+    parser.add_argument("--lr", nargs="*", default=[], help="METHOD=RATE: use this rate instead of the sweep's best.")
+    parser.add_argument("--jobs", type=int, default=1, help="Rows run at once (each with cores // jobs threads).")
     parser.add_argument("--table_only", action="store_true", help="Do not run anything; rebuild the table.")
     parser.add_argument("extra", nargs="*", help="Extra arguments for continual_retrieval.py (after --).")
     args = parser.parse_args(argv)
-    root = Path(args.out)
+    root, overrides, seed = Path(args.out), parse_overrides(args.lr), args.seeds[0]
     if not args.table_only:
         phases = args.phases.split(",")
+        if "sweep" in phases:
+            run_plan([(row, seed) for row in sweep_rows()], args, best_learning_rates(root, overrides, seed))
+        best = best_learning_rates(root, overrides, seed)
         plan: list[tuple[Row, int]] = []
         if "main" in phases:
-            plan += [(row, args.seeds[0]) for row in MAIN_ROWS]
+            plan += [(row, seed) for row in main_rows(best)]
         if "ablations" in phases:
-            plan += [(row, args.seeds[0]) for row in ABLATION_ROWS]
-        if "lr" in phases:
-            plan += [(row, args.seeds[0]) for row in LR_ROWS]
+            plan += [(row, seed) for row in ablation_rows(best)]
         if "seeds" in phases:
-            plan += [(row, seed) for seed in args.seeds[1:] for row in MAIN_ROWS]
-        for row, seed in plan:
-            if args.rows is None or row.name in args.rows:
-                run_row(row, seed, root, args.quick, args.extra)
-                write_table(Path(args.doc), table(root, args.quick))
-    write_table(Path(args.doc), table(root, args.quick))
+            plan += [(row, s) for s in args.seeds[1:] for row in main_rows(best)]
+        run_plan(plan, args, best)
+    best = best_learning_rates(root, overrides, seed)
+    write_table(Path(args.doc), table(root, args.quick, best, seed))
 
 
 if __name__ == "__main__":

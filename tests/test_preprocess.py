@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from peft_lpi.backbone import word_level_tokenizer
 from peft_lpi.data import RetrievalCollator, caption_id, continual_features, flatten_captions
+from peft_lpi.data.preprocess import column_values, with_pixel_values
 
 WORDS = "a red blue circle square on the left right big small".split()
 
@@ -103,3 +104,31 @@ def test_flatten_captions():
     assert texts == ["a", "b", "c", "d", "e"]
     assert text_to_image.tolist() == [0, 0, 1, 2, 2]
     assert text_task.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_with_pixel_values_matches_processing_images_per_batch(image_processor):
+    rows = _with_ids(_rows())
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "captions": datasets.Sequence(datasets.Value("string")),
+            "task": datasets.ClassLabel(names=["a", "b", "c"]),
+            "image_id": datasets.Value("int64"),
+        }
+    )
+    dataset = datasets.Dataset.from_list(rows, features=features)
+    processed = with_pixel_values(dataset, image_processor)
+    assert "image" not in processed.column_names and processed.features["pixel_values"].shape == (3, 32, 32)
+    collator = RetrievalCollator(image_processor, _tokenizer(), train=False)
+    expected = collator([dataset[i] for i in range(len(dataset))])
+    got = collator([processed[i] for i in range(len(processed))])  # rows carrying pixel_values
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    # Dataset input (the evaluation path) reads the column at once, with or without precomputed values.
+    subset = [3, 0]
+    torch.testing.assert_close(collator.pixel_values(processed.select(subset)), expected["pixel_values"][subset])
+    torch.testing.assert_close(collator.pixel_values(dataset.select(subset)), expected["pixel_values"][subset])
+    assert column_values(processed.select([2, 1]), "task") == [1, 1]
+    with pytest.raises(ValueError, match="'image' column"):
+        with_pixel_values(processed, image_processor)

@@ -127,6 +127,22 @@ def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
     assert got["modes"]["auto"]["routing_accuracy"] == expected["modes"]["auto"]["routing_accuracy"]
 
 
+def test_preprocessed_images_give_the_same_run(world, tmp_path):
+    """preprocess_images=True (pixel values computed once with datasets.map) changes speed, not results."""
+    tokenizer, processor, data = world
+    runs = []
+    for preprocess in (False, True):
+        AcceleratorState._reset_state(True)
+        args = make_args(tmp_path / str(preprocess), epochs=1, preprocess_images=preprocess)
+        trainer = ContinualTrainer(make_model(tokenizer), tokenizer, processor, data, args)
+        runs.append((trainer.train(), factors(trainer.model)))
+    (plain, plain_factors), (fast, fast_factors) = runs
+    for key, value in plain_factors.items():
+        torch.testing.assert_close(fast_factors[key], value, rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+    for mode in ("oracle", "auto"):
+        assert fast["modes"][mode]["strict"]["matrices"] == plain["modes"][mode]["strict"]["matrices"]
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(world, tmp_path):
     tokenizer, processor, data = world
     args = make_args(tmp_path, checkpoint_every=1)

@@ -4,6 +4,10 @@ Images always go through the backbone's processor (its own resize, crop, mean an
 training and evaluation see the same transform (the reference code used ImageNet statistics and random crops at
 evaluation). At training time one caption per image is picked per epoch, deterministically from
 ``(seed, epoch, image_id)``; evaluation encodes every caption, listed by `flatten_captions`.
+
+`with_pixel_values` runs the processor once over a whole split (`datasets.map`), for small images that are
+otherwise decoded and processed again at every epoch and evaluation; the collator uses its ``pixel_values`` column
+when a row has one.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RetrievalCollator", "flatten_captions", "caption_id"]
+__all__ = ["RetrievalCollator", "flatten_captions", "caption_id", "column_values", "with_pixel_values", "PIXEL_VALUES"]
+
+PIXEL_VALUES = "pixel_values"
 
 _NO_LIMIT = 1_000_000  # tokenizers without a configured limit report model_max_length ~ 1e30
 
@@ -108,6 +115,17 @@ class RetrievalCollator:
         """`(B, 3, H, W)` pixel values from PIL images (any mode), paths or datasets image dicts."""
         return self.image_processor(images=[_to_rgb(image) for image in images], return_tensors="pt")["pixel_values"]
 
+    def pixel_values(self, rows: Sequence[dict[str, Any]] | datasets.Dataset) -> torch.Tensor:
+        """`(B, 3, H, W)` pixel values of rows (a list of rows or a Dataset): their precomputed ``pixel_values``
+        (`with_pixel_values`) when they have them, else their processed ``image``."""
+        if isinstance(rows, datasets.Dataset):  # read the one column needed, at once
+            if PIXEL_VALUES in rows.column_names:
+                return rows.select_columns([PIXEL_VALUES]).with_format("torch")[:][PIXEL_VALUES]
+            return self.process_images(column_values(rows, "image"))
+        if rows and PIXEL_VALUES in rows[0]:
+            return torch.stack([torch.as_tensor(row[PIXEL_VALUES]) for row in rows])
+        return self.process_images(row["image"] for row in rows)
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` (padded to the batch's longest, truncated to `max_length`) and
         ``caption_ids`` of the given captions."""
@@ -138,12 +156,44 @@ class RetrievalCollator:
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = self.tokenize([self.choose_caption(row["captions"], row["image_id"]) for row in rows])
         return {
-            "pixel_values": self.process_images(row["image"] for row in rows),
+            "pixel_values": self.pixel_values(rows),
             "input_ids": texts["input_ids"],
             "attention_mask": texts["attention_mask"],
             "task": torch.tensor([int(row["task"]) for row in rows], dtype=torch.long),
             "caption_ids": texts["caption_ids"],
         }
+
+
+def column_values(dataset: datasets.Dataset, name: str) -> list[Any]:
+    """One column as a Python list, read without decoding the other columns (images).
+
+    ``dataset[name]`` on a `select`-ed split reads row by row (about 1 s per 10k rows); this reads the column at once.
+    """
+    return dataset.select_columns([name]).to_dict()[name]
+
+
+def with_pixel_values(dataset: datasets.Dataset, processor: Any, *, batch_size: int = 256) -> datasets.Dataset:
+    """`dataset` with its ``image`` column replaced by the processor's ``pixel_values`` (float32, torch format).
+
+    The processor runs once per image (`datasets.map`) instead of once per epoch and per evaluation, which removes
+    image decoding and processing from every training step. It stores `(N, 3, H, W)` float32 values: right for small
+    images (the offline world: 12 KB per image), not for COCO at 224 px (600 KB per image).
+    """
+    if "image" not in dataset.column_names:
+        raise ValueError(f"with_pixel_values needs an 'image' column; the dataset has {dataset.column_names}.")
+    image_processor = getattr(processor, "image_processor", None) or processor
+
+    def process(batch: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+        images = [_to_rgb(image) for image in batch["image"]]
+        return {PIXEL_VALUES: image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)}
+
+    shape = process(dataset[:1])[PIXEL_VALUES].shape[1:]
+    features = dataset.features.copy()
+    del features["image"]
+    features[PIXEL_VALUES] = datasets.Array3D(shape=tuple(shape), dtype="float32")
+    mapped = dataset.map(process, batched=True, batch_size=batch_size, remove_columns=["image"], features=features,
+                         desc="preprocessing images")
+    return mapped.with_format("torch", columns=[PIXEL_VALUES], output_all_columns=True)
 
 
 def flatten_captions(dataset: datasets.Dataset) -> tuple[list[str], torch.Tensor, torch.Tensor]:
