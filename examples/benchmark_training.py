@@ -195,12 +195,12 @@ def naive_recall(images: torch.Tensor, texts: torch.Tensor, text_to_image: torch
 
 
 def ranking_gallery(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random embeddings with a signal: caption j of image i is the image's embedding plus noise."""
+    """Random embeddings with a signal: a caption is its image's embedding plus noise (R@1 well below 100 %)."""
     generator = torch.Generator().manual_seed(args.seed)
     n_images, per_image, dim = args.gallery_images, args.captions_per_image, 512
     images = torch.randn(n_images, dim, generator=generator)
     text_to_image = torch.arange(n_images).repeat_interleave(per_image)
-    texts = images[text_to_image] + 1.5 * torch.randn(n_images * per_image, dim, generator=generator)
+    texts = images[text_to_image] + 6.0 * torch.randn(n_images * per_image, dim, generator=generator)
     return images, texts, text_to_image
 
 

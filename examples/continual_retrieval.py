@@ -38,7 +38,7 @@ OFFLINE = "offline-world"
 # Defaults of the offline benchmark (the training defaults of ContinualTrainingArguments are the COCO protocol).
 OFFLINE_TRAINING_DEFAULTS = dict(
     output_dir="outputs/offline-lpi",
-    epochs=6,  # ~140 optimiser steps per task (docs/offline_world.md)
+    epochs=4,  # ~92 optimiser steps per task (docs/offline_world.md)
     batch_size=64,
     eval_batch_size=512,
     optimizer="adamw",
@@ -89,6 +89,11 @@ class ModelArguments:
                   "(user/name; main process only; needs `hf auth login`). LPI adapters only."},
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the --push_to_hub repo as private."})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "On CPU, torch threads per process (default: cores // processes; several runs sharing a "
+                  "machine want fewer)."},
+    )
 
 
 @dataclass
@@ -99,6 +104,13 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Image column of a generic dataset."})
     caption_column: str = field(default="caption", metadata={"help": "Caption column of a generic dataset."})
     task_column: str = field(default="task", metadata={"help": "Task column of a generic dataset."})
+    train_split: str = field(default="train", metadata={"help": "Training split of a generic dataset."})
+    eval_split: str = field(default="validation", metadata={"help": "Evaluation split of a generic dataset."})
+    eval_size: float | None = field(
+        default=None,
+        metadata={"help": "Generic dataset without --eval_split: hold out this fraction (< 1) or number (>= 1) of "
+                  "training rows, stratified by task, as the evaluation split."},
+    )
     world_seed: int = field(default=0, metadata={"help": "Seed of the offline world."})
     train_per_task: int = field(default=1500, metadata={"help": "Offline world: training images per task."})
     val_per_task: int = field(default=250, metadata={"help": "Offline world: validation images per task."})
@@ -130,9 +142,11 @@ def load_data(args: DataArguments):
     else:
         from peft_lpi.data.generic import from_datasets
 
+        eval_size = int(args.eval_size) if args.eval_size is not None and args.eval_size >= 1 else args.eval_size
         data = from_datasets(
             args.dataset, image_column=args.image_column, caption_column=args.caption_column,
-            task_column=args.task_column,
+            task_column=args.task_column, train_split=args.train_split, eval_split=args.eval_split,
+            eval_size=eval_size,
         )
     if args.max_tasks:
         from peft_lpi.data.generic import first_tasks
@@ -165,9 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         log_with=train_args.log_with,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
     )
-    if accelerator.device.type == "cpu":  # share the cores between processes (OMP_NUM_THREADS, when set, decides)
-        threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    if accelerator.device.type == "cpu":  # share the cores between processes (accelerate sets OMP_NUM_THREADS=1)
+        torch.set_num_threads(model_args.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     base, tokenizer, image_processor = load_backbone(model_args, accelerator)
     data = load_data(data_args)
     num_tasks = data["train"].features["task"].num_classes

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "examples" / "continual_retrieval.py"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-QUICK_ARGS = ["--train_per_task", "500", "--val_per_task", "100", "--epochs", "2"]
+QUICK_ARGS = ["--train_per_task", "500", "--val_per_task", "100", "--epochs", "4"]
 KEYED = {"lpi", "s-prompts", "lora", "joint"}
 
 
@@ -132,9 +132,10 @@ def run_row(row: Row, seed: int, root: Path, quick: bool, extra: list[str], thre
     cmd = command(row, seed, out, quick, extra)
     print(f"[run ] {row.name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    if threads:
+        cmd += ["--cpu_threads", str(threads)]
     with open(out / "log.txt", "w") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     status = "done" if code == 0 else f"FAILED (exit {code}, see {out / 'log.txt'})"
     print(f"[{status[:4].lower()}] {row.name} seed {seed} in {time.perf_counter() - started:.0f} s {status}", flush=True)
 

@@ -234,7 +234,8 @@ def test_unknown_method_is_refused(world):
 
 
 def test_results_table_is_built_from_run_folders(runs, tmp_path):
-    """examples/run_results.py turns each row's results.json into one table row (joint: one stage)."""
+    """examples/run_results.py picks each method's best sweep rate and turns results.json files into table rows."""
+    import copy
     import importlib.util
     import json
     import sys
@@ -244,16 +245,30 @@ def test_results_table_is_built_from_run_folders(runs, tmp_path):
     run_results = importlib.util.module_from_spec(spec)
     sys.modules["run_results"] = run_results  # dataclasses look their module up there
     spec.loader.exec_module(run_results)
-    for name in ("lpi", "joint", "zero-shot"):
+
+    worse = copy.deepcopy(runs["lpi"][1])  # the same run with every auto R@1 10 points lower
+    for direction in ("i2t_R@1", "t2i_R@1"):
+        worse["modes"]["auto"]["strict"]["summary"][direction]["final_average"] -= 10.0
+    folders = {"lpi-lr0.05": runs["lpi"][1], "lpi-lr0.002": worse, "joint-lr0.05": runs["joint"][1],
+               "zero-shot": runs["zero-shot"][1]}
+    for name, results in folders.items():
         folder = tmp_path / name / "seed0"
         folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps(runs[name][1]))
-    text = run_results.table(tmp_path, quick=True)
+        (folder / "results.json").write_text(json.dumps(results))
+
+    best = run_results.best_learning_rates(tmp_path, {})
+    assert best == {"lpi": 0.05, "joint": 0.05}  # only LPI was swept here; joint follows LPI
+    assert run_results.best_learning_rates(tmp_path, {"lpi": 0.002})["lpi"] == 0.002  # --lr overrides
+    assert [row.name for row in run_results.main_rows(best)] == ["zero-shot", "lpi-lr0.05", "joint-lr0.05"]
+    assert all("--learning_rate" in row.args and "0.05" in row.args for row in run_results.ablation_rows(best))
+
+    text = run_results.table(tmp_path, quick=True, best=best)
     lines = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "not run" in lines["| sequential FT, one shared prompt set"]
-    assert "not run" in lines["| LPI, lr 2e-3"]
-    assert "| 1 |" in lines["| **LPI** (K=4, P=8, r=4)"] and "—" in lines["| **LPI** (K=4, P=8, r=4)"]
-    assert any(word in lines["| joint multi-task LPI (upper bound)"] for word in ("wins", "ties", "tie", "loses"))
+    lpi = "| **LPI** (K=4, P=8, r=4), lr 0.05"
+    assert "| 1 |" in lines[lpi] and "—" in lines[lpi]
+    assert "not run" in lines["| sequential FT, one shared prompt set, lr 0.05"]  # a sweep row not on disk
+    assert "LPI wins (+10.0)" in lines["| **LPI** (K=4, P=8, r=4), lr 0.002"]  # the sweep row vs the main row
+    assert any(word in lines["| joint multi-task LPI (upper bound), lr 0.05"] for word in ("wins", "tie", "loses"))
     doc = tmp_path / "results.md"
     doc.write_text("# intro\n\n" + run_results.BEGIN + "\nold\n" + run_results.END + "\n\nanalysis kept\n")
     run_results.write_table(doc, text)
