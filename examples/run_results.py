@@ -47,7 +47,9 @@ class Row:
 
 
 SWEEP_METHODS = ("shared-prompt", "s-prompts", "lora", "lpi")
-SWEEP_LRS = (5e-2, 2e-2, 5e-3, 2e-3)
+SWEEP_LRS = (5e-2, 2e-2, 5e-3, 2e-3, 5e-4)
+# LPI's best shared-grid rate was the largest one, so its grid goes further up (until the best is inside).
+EXTRA_LRS = {"lpi": (2e-1, 1e-1)}
 LABELS = {
     "zero-shot": "zero-shot backbone",
     "shared-prompt": "sequential FT, one shared prompt set",
@@ -76,7 +78,7 @@ def sweep_rows() -> list[Row]:
     return [
         Row(f"{m}-{lr_tag(lr)}", f"{LABELS[m]}, lr {lr:g}", m, ["--learning_rate", f"{lr:g}"])
         for m in SWEEP_METHODS
-        for lr in SWEEP_LRS
+        for lr in sorted(SWEEP_LRS + EXTRA_LRS.get(m, ()), reverse=True)
     ]
 
 

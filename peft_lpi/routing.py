@@ -156,7 +156,8 @@ def kmeans(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     if isinstance(features, Tensor):
-        tensor = features
+        tensor = _prepare(features, None, normalize, features.device) if normalize else features  # once, not per pass
+        normalize = False
 
         def chunks() -> Iterator[Tensor]:
             return iter(tensor.split(chunk_size)) if tensor.shape[0] else iter([tensor])

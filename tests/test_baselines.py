@@ -263,7 +263,10 @@ def test_results_table_is_built_from_run_folders(runs, tmp_path):
     assert all("--learning_rate" in row.args and "0.05" in row.args for row in run_results.ablation_rows(best))
 
     text = run_results.table(tmp_path, quick=True, best=best)
-    lines = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    lines: dict[str, str] = {}
+    for line in text.splitlines():  # the main section comes first: its rows win over same-label sweep rows
+        if line.startswith("| "):
+            lines.setdefault(line.split(" |")[0], line)
     lpi = "| **LPI** (K=4, P=8, r=4), lr 0.05"
     assert "| 1 |" in lines[lpi] and "—" in lines[lpi]
     assert "not run" in lines["| sequential FT, one shared prompt set, lr 0.05"]  # a sweep row not on disk

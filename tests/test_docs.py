@@ -270,7 +270,15 @@ def _script_entry(script: str):
     source = path.read_text(encoding="utf-8")
     if "ArgumentParser" not in source:  # refuse to run a script that would not stop at argument parsing
         raise AssertionError(f"{script} has no argument parser: this check cannot run it safely")
-    return lambda: runpy.run_path(str(path), run_name="__main__")
+
+    def run() -> None:  # as `python script.py` does, the script's folder is importable (sibling modules)
+        sys.path.insert(0, str(path.parent))
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        finally:
+            sys.path.remove(str(path.parent))
+
+    return run
 
 
 def _check_pip(args: list[str]) -> str:
