@@ -198,12 +198,12 @@ def fmt(stats: dict, key: str, digits: int = 1, spread: bool = True) -> str:
     return f"{text} ± {std:.{digits}f}" if spread and n > 1 else text
 
 
-def verdict(lpi: dict, other: dict, key: str = "mean_R@1") -> str:
-    """LPI against a row on mean R@1: a tie when the gap is within the larger seed spread (at least 0.5 points)."""
+def verdict(lpi: dict, other: dict, key: str = "mean_R@1", floor: float = 0.5) -> str:
+    """LPI against a row on mean R@1: a tie when the gap is within the larger seed spread (at least `floor`)."""
     if key not in lpi or key not in other:
         return "–"
     gap = lpi[key][0] - other[key][0]
-    margin = max(lpi[key][1], other[key][1], 0.5)
+    margin = max(lpi[key][1], other[key][1], floor)
     word = "tie" if abs(gap) <= margin else ("LPI wins" if gap > 0 else "LPI loses")
     return f"{word} ({gap:+.1f})"
 
@@ -215,6 +215,8 @@ def table(root: Path, quick: bool, best: dict[str, float], seed: int = 0) -> str
     sweep_stats = {row.name: aggregate(runs) for row in sweep if (runs := load(root, row, seeds=[seed]))}
     lpi_row = next((row.name for row in mains if row.method == "lpi"), None)
     lpi = stats.get(lpi_row, {})
+    # one-seed rows (ablations, sweep) are compared with LPI's run of the same seed, not with its mean over seeds
+    lpi_same_seed = aggregate(runs) if lpi_row and (runs := load(root, Row(lpi_row, "", "lpi"), seeds=[seed])) else {}
     header = (
         "| row | seeds | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | stage-avg R@1 | forgetting R@1 | routing img / txt % "
         "| oracle R@1 | params/task | train s/task | peak MiB | vs LPI (mean R@1) |"
@@ -225,11 +227,13 @@ def table(root: Path, quick: bool, best: dict[str, float], seed: int = 0) -> str
     lines = [BEGIN, "", f"Results directory: `{shown}`; mode: {'--quick' if quick else 'full'}; "
              f"learning rate per method (best of the sweep): {rates or 'sweep not run'}.", ""]
     sections = (
-        ("Main rows: every method at its best learning rate (mean ± sample std over seeds)", mains, stats),
-        ("LPI ablations (seed 0, LPI's learning rate)", ablations, stats),
-        ("Learning-rate sweep (seed 0): the grid every trained method was tuned on", sweep, sweep_stats),
+        ("Main rows: every method at its best learning rate (mean ± sample std over seeds)", mains, stats, lpi),
+        (f"LPI ablations (seed {seed}, LPI's learning rate; vs LPI's seed-{seed} run, tie within LPI's seed spread)", ablations, stats,
+         lpi_same_seed),
+        (f"Learning-rate sweep (seed {seed}): the grid every trained method was tuned on; vs LPI's seed-{seed} run",
+         sweep, sweep_stats, lpi_same_seed),
     )
-    for title, rows, section_stats in sections:
+    for title, rows, section_stats, reference in sections:
         lines += [f"### {title}", "", header, rule]
         for row in rows:
             s = section_stats.get(row.name)
@@ -239,7 +243,9 @@ def table(root: Path, quick: bool, best: dict[str, float], seed: int = 0) -> str
             routing = (f"{fmt(s, 'routing_image', spread=False)} / {fmt(s, 'routing_text', spread=False)}"
                        if "routing_image" in s else "– (none)")
             n = max(v[2] for v in s.values())
-            versus = "—" if row.name == lpi_row and section_stats is stats else verdict(lpi, s)
+            # one-seed comparisons have no spread of their own: LPI's seed spread over the main rows is the floor
+            floor = max(0.5, lpi.get("mean_R@1", (0.0, 0.0))[1]) if reference is not lpi else 0.5
+            versus = "—" if row.name == lpi_row else verdict(reference, s, floor=floor)
             lines.append(
                 f"| {row.label} | {n} | {fmt(s, 'i2t_R@1')} | {fmt(s, 'i2t_R@5')} | {fmt(s, 't2i_R@1')} | "
                 f"{fmt(s, 't2i_R@5')} | {fmt(s, 'stage_avg_R@1')} | {fmt(s, 'forgetting_R@1')} | {routing} | "
