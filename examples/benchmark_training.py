@@ -74,6 +74,13 @@ def require_input_grads(model: CLIPModel) -> None:
     model.text_model.embeddings.register_forward_hook(hook)
 
 
+def features(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 image and text embeddings of a batch through the model's feature methods."""
+    image = embedding_of(model.get_image_features(pixel_values=batch["pixel_values"]))
+    text = embedding_of(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    return image.float(), text.float()
+
+
 def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Callable]:
     """The model of one variant (same random weights for all) and a function computing its loss on a batch."""
     torch.manual_seed(args.seed)
@@ -89,10 +96,7 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
         model = base.to(device).train()
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            image = embedding_of(model.get_image_features(pixel_values=batch["pixel_values"]))
-            text = embedding_of(model.get_text_features(input_ids=batch["input_ids"],
-                                                        attention_mask=batch["attention_mask"]))
-            return base_contrastive_loss(model, image.float(), text.float(), gather=False)
+            return base_contrastive_loss(model, *features(model, batch), gather=False)
 
         return model, loss_fn
 
@@ -101,10 +105,7 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
         model = get_peft_model(base, config).to(device).train()
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            image = embedding_of(model.get_image_features(pixel_values=batch["pixel_values"]))
-            text = embedding_of(model.get_text_features(input_ids=batch["input_ids"],
-                                                        attention_mask=batch["attention_mask"]))
-            return base_contrastive_loss(model.base_model.model, image.float(), text.float(), gather=False)
+            return base_contrastive_loss(model.base_model.model, *features(model, batch), gather=False)
 
         return model, loss_fn
 
@@ -117,10 +118,7 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model.set_task(tasks)
-        image = embedding_of(model.get_image_features(pixel_values=batch["pixel_values"]))
-        text = embedding_of(model.get_text_features(input_ids=batch["input_ids"],
-                                                    attention_mask=batch["attention_mask"]))
-        return objective(image.float(), text.float(), TRAINED_TASK, gather=False)["loss"]
+        return objective(*features(model, batch), TRAINED_TASK, gather=False)["loss"]
 
     return model, loss_fn
 
