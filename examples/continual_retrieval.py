@@ -30,7 +30,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
-from peft_lpi.baselines import build_method
+from peft_lpi.baselines import LORA_TARGET_MODULES, build_method
 from peft_lpi.trainer import ContinualTrainer, ContinualTrainingArguments
 
 OFFLINE = "offline-world"
@@ -73,6 +73,11 @@ class ModelArguments:
             "help": "Continual method: lpi, zero-shot, shared-prompt, s-prompts, lora (per-task LoRA, rank 4) or joint "
             "(LPI on all tasks at once, the upper bound). See peft_lpi/baselines.py and docs/results.md."
         },
+    )
+    lora_rank: int = field(default=4, metadata={"help": "--method lora: LoRA rank of every adapter."})
+    lora_target_modules: str = field(
+        default=LORA_TARGET_MODULES,
+        metadata={"help": "--method lora: PEFT target_modules regex (default: q/k/v/out_proj of both towers)."},
     )
     prompt_length: int = field(default=8, metadata={"help": "LPIConfig.prompt_length (P)."})
     prompt_depth: int = field(default=4, metadata={"help": "LPIConfig.prompt_depth (K)."})
@@ -197,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
         base_model_name_or_path=model_args.model,
     )
     torch.manual_seed(train_args.seed)
-    model, method = build_method(model_args.method, base, num_tasks, lpi_kwargs)
+    model, method = build_method(
+        model_args.method, base, num_tasks, lpi_kwargs, lora_rank=model_args.lora_rank,
+        lora_target_modules=model_args.lora_target_modules,
+    )
     if accelerator.is_main_process and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     if model_args.push_to_hub:

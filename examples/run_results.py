@@ -25,10 +25,13 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from peft_lpi.io import atomic_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "examples" / "continual_retrieval.py"
@@ -46,7 +49,10 @@ class Row:
     main: bool = False
 
 
-SWEEP_METHODS = ("shared-prompt", "s-prompts", "lora", "lpi")
+SWEEP_METHODS = ("shared-prompt", "s-prompts", "lora", "lora-small", "lpi")
+# LoRA at about LPI's parameter budget: rank 1 on q/v only (4,096 parameters per task on the world backbone vs 3,696)
+METHOD_ARGS = {"lora-small": ["--lora_rank", "1", "--lora_target_modules", r".*\.self_attn\.(q_proj|v_proj)"]}
+CLI_METHOD = {"lora-small": "lora"}
 SWEEP_LRS = (5e-2, 2e-2, 5e-3, 2e-3, 5e-4)
 # LPI's best shared-grid rate was the largest one, so its grid goes further up (until the best is inside).
 EXTRA_LRS = {"lpi": (2e-1, 1e-1)}
@@ -55,6 +61,7 @@ LABELS = {
     "shared-prompt": "sequential FT, one shared prompt set",
     "s-prompts": "S-Prompts-style full-rank per-task prompts",
     "lora": "per-task LoRA (r=4, q/k/v/out, both towers)",
+    "lora-small": "per-task LoRA at LPI's budget (r=1, q/v, both towers)",
     "lpi": "**LPI** (K=4, P=8, r=4)",
     "joint": "joint multi-task LPI (upper bound)",
 }
@@ -76,7 +83,8 @@ def lr_tag(lr: float) -> str:
 def sweep_rows() -> list[Row]:
     """Every trained continual method at every learning rate of the grid (seed 0)."""
     return [
-        Row(f"{m}-{lr_tag(lr)}", f"{LABELS[m]}, lr {lr:g}", m, ["--learning_rate", f"{lr:g}"])
+        Row(f"{m}-{lr_tag(lr)}", f"{LABELS[m]}, lr {lr:g}", CLI_METHOD.get(m, m),
+            [*METHOD_ARGS.get(m, []), "--learning_rate", f"{lr:g}"])
         for m in SWEEP_METHODS
         for lr in sorted(SWEEP_LRS + EXTRA_LRS.get(m, ()), reverse=True)
     ]
@@ -90,8 +98,8 @@ def best_learning_rates(root: Path, overrides: dict[str, float], seed: int = 0) 
             continue
         scored = []
         for row in sweep_rows():
-            if row.method == method and (runs := load(root, row, seeds=[seed])):
-                scored.append((row_metrics(runs[0])["mean_R@1"], float(row.args[1])))
+            if row.name.startswith(f"{method}-lr") and (runs := load(root, row, seeds=[seed])):
+                scored.append((row_metrics(runs[0])["mean_R@1"], float(row.args[-1])))
         if scored:
             best[method] = max(scored)[1]
     if "lpi" in best:
@@ -105,8 +113,8 @@ def main_rows(best: dict[str, float]) -> list[Row]:
     for method in (*SWEEP_METHODS, "joint"):
         if method in best:
             lr = best[method]
-            rows.append(Row(f"{method}-{lr_tag(lr)}", f"{LABELS[method]}, lr {lr:g}", method,
-                            ["--learning_rate", f"{lr:g}"], main=True))
+            rows.append(Row(f"{method}-{lr_tag(lr)}", f"{LABELS[method]}, lr {lr:g}", CLI_METHOD.get(method, method),
+                            [*METHOD_ARGS.get(method, []), "--learning_rate", f"{lr:g}"], main=True))
     return rows
 
 
@@ -270,13 +278,19 @@ TEMPLATE = """# Results on the offline benchmark
 """
 
 
+_WRITE_LOCK = threading.Lock()  # --jobs: rows finish in parallel threads, each rewriting the same page
+
+
 def write_table(path: Path, text: str) -> None:
-    if path.is_file() and BEGIN in (old := path.read_text()) and END in old:
-        head, rest = old.split(BEGIN, 1)
-        content = head + text + rest.split(END, 1)[1]
-    else:
-        content = TEMPLATE.format(table=text)
-    path.write_text(content)
+    """Replace the text between the markers of `path` (atomically: a reader never sees a half-written page)."""
+    with _WRITE_LOCK:
+        if path.is_file() and BEGIN in (old := path.read_text()) and END in old:
+            head, rest = old.split(BEGIN, 1)
+            content = head + text + rest.split(END, 1)[1]
+        else:
+            content = TEMPLATE.format(table=text)
+        with atomic_path(path) as tmp:
+            tmp.write_text(content)
     print(f"wrote {path}", flush=True)
 
 

@@ -424,12 +424,14 @@ def grouped_continual_metrics(matrix: Sequence[Sequence[float]], schedule: list[
 def build_method(
     name: str, base_model: nn.Module, num_tasks: int, lpi_kwargs: dict[str, Any] | None = None, *,
     lora_rank: int = 4,
+    lora_target_modules: Any = LORA_TARGET_MODULES,
 ) -> tuple[nn.Module, ContinualMethod]:
     """The model and the `ContinualMethod` of `name` (one of `METHOD_NAMES`) on a frozen `base_model`.
 
     `lpi_kwargs` are `LPIConfig` fields (prompt_length, prompt_depth, rank, init_std, interaction,
     share_layer_factor, align_weight, task_weight, routing_metric, num_keys, ...); each method takes the ones that
-    apply to it (LoRA: routing_metric and num_keys). Seed torch before calling: adapters are initialised here.
+    apply to it (LoRA: routing_metric and num_keys). `lora_rank` / `lora_target_modules` (a PEFT target list or
+    regex) shape the LoRA baseline. Seed torch before calling: adapters are initialised here.
     """
     from peft import get_peft_model
 
@@ -448,7 +450,7 @@ def build_method(
         model = get_peft_model(base_model, shared_prompt_config(**kwargs))
         return model, SharedPromptMethod(model)
     if name == "lora":
-        model = lora_model(base_model, num_tasks, rank=lora_rank)
+        model = lora_model(base_model, num_tasks, rank=lora_rank, target_modules=lora_target_modules)
         defaults = LPIConfig()
         return model, LoRAMethod(model, num_keys=kwargs.get("num_keys", defaults.num_keys),
                                  routing_metric=kwargs.get("routing_metric", defaults.routing_metric))

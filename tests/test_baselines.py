@@ -276,3 +276,19 @@ def test_results_table_is_built_from_run_folders(runs, tmp_path):
     doc.write_text("# intro\n\n" + run_results.BEGIN + "\nold\n" + run_results.END + "\n\nanalysis kept\n")
     run_results.write_table(doc, text)
     assert "analysis kept" in doc.read_text() and "old" not in doc.read_text().split(run_results.END)[0]
+
+
+def test_lora_rank_and_targets_shape_the_lora_baseline(world):
+    """build_method's LoRA options (the example's --lora_rank / --lora_target_modules): per-task counts in closed
+    form, r * (in + out) per targeted projection of both towers' 2 layers."""
+    tokenizer, _, _ = world
+    layers, D = 2 * 2, WIDTH  # 2 towers x 2 layers; every attention projection is D x D
+
+    def count(**options) -> int:
+        model, method = build_method("lora", tiny_base(tokenizer), 2, LPI_KWARGS, **options)
+        counted = sum(p.numel() for n, p in model.named_parameters() if ".task1." in n)  # one task's adapter
+        assert method.trainable_parameters_per_task() == counted
+        return counted
+
+    assert count() == layers * 4 * 4 * (D + D)  # default: rank 4 on q/k/v/out
+    assert count(lora_rank=1, lora_target_modules=r".*\.self_attn\.(q_proj|v_proj)") == layers * 2 * 1 * (D + D)
