@@ -94,18 +94,23 @@ def time_round_robin(
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_benchmark_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch and LPI shape flags every ViT-B/16 benchmark script shares (same names, same defaults)."""
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (auto excluded)")
     parser.add_argument("--depth", type=int, default=9, help="prompt_depth K")
     parser.add_argument("--length", type=int, default=16, help="prompt_length P")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--tasks", type=int, default=4, help="tasks in the adapter (mixed batches cycle through them)")
     parser.add_argument("--text-length", type=int, default=77, help="text positions (captions padded to this)")
-    parser.add_argument("--no-interaction", action="store_true", help="switch the correlation module off")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_model_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (auto excluded)")
+    parser.add_argument("--tasks", type=int, default=4, help="tasks in the adapter (mixed batches cycle through them)")
+    parser.add_argument("--no-interaction", action="store_true", help="switch the correlation module off")
     parser.add_argument(
         "--threads",
         type=int,

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from benchmark_forward import make_inputs, time_round_robin, vit_b16_clip_config
+from benchmark_forward import add_benchmark_model_arguments, make_inputs, time_round_robin, vit_b16_clip_config
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPModel
 
@@ -228,17 +228,10 @@ def _batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Te
 
 
 def run_child(name: str, args: argparse.Namespace, gradient_checkpointing: bool = False) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--batch-size", str(args.batch_size), "--seed",
-               str(args.seed), "--depth", str(args.depth), "--length", str(args.length), "--rank", str(args.rank),
-               "--attn", args.attn, "--text-length", str(args.text_length), "--gallery-images",
-               str(args.gallery_images), "--captions-per-image", str(args.captions_per_image), "--chunk-size",
-               str(args.chunk_size)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+    # the parent's own flags (batch, shapes, threads, bf16, gallery, ...) then the child's part; a child ignores --json
+    command = [sys.executable, __file__, *sys.argv[1:], "--child", name]
     if gradient_checkpointing:
         command.append("--gradient-checkpointing")
-    if args.bf16:
-        command.append("--bf16")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"child {name} failed:\n{result.stderr[-3000:]}")
@@ -258,14 +251,9 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_benchmark_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--depth", type=int, default=9, help="prompt_depth K")
-    parser.add_argument("--length", type=int, default=16, help="prompt_length P")
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--text-length", type=int, default=77)
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--gallery-images", type=int, default=5000)

@@ -139,11 +139,9 @@ def run_row(row: Row, seed: int, root: Path, quick: bool, extra: list[str], thre
         print(f"[skip] {row.name} seed {seed}: {out / 'results.json'} exists", flush=True)
         return
     out.mkdir(parents=True, exist_ok=True)
-    cmd = command(row, seed, out, quick, extra)
+    cmd = command(row, seed, out, quick, extra) + (["--cpu_threads", str(threads)] if threads else [])
     print(f"[run ] {row.name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
-    if threads:
-        cmd += ["--cpu_threads", str(threads)]
     with open(out / "log.txt", "w") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     status = "done" if code == 0 else f"FAILED (exit {code}, see {out / 'log.txt'})"
@@ -234,14 +232,16 @@ def table(root: Path, quick: bool, best: dict[str, float], seed: int = 0) -> str
     rates = ", ".join(f"{m} {lr:g}" for m, lr in best.items())
     lines = [BEGIN, "", f"Results directory: `{shown}`; mode: {'--quick' if quick else 'full'}; "
              f"learning rate per method (best of the sweep): {rates or 'sweep not run'}.", ""]
-    sections = (
-        ("Main rows: every method at its best learning rate (mean ± sample std over seeds)", mains, stats, lpi),
-        (f"LPI ablations (seed {seed}, LPI's learning rate; vs LPI's seed-{seed} run, tie within LPI's seed spread)", ablations, stats,
-         lpi_same_seed),
+    # one-seed comparisons have no spread of their own: LPI's seed spread over the main rows is the tie floor
+    seed_spread = max(0.5, lpi.get("mean_R@1", (0.0, 0.0))[1])
+    sections = (  # (title, rows, their stats, the LPI stats they are compared with, the tie floor)
+        ("Main rows: every method at its best learning rate (mean ± sample std over seeds)", mains, stats, lpi, 0.5),
+        (f"LPI ablations (seed {seed}, LPI's learning rate; vs LPI's seed-{seed} run, tie within LPI's seed spread)",
+         ablations, stats, lpi_same_seed, seed_spread),
         (f"Learning-rate sweep (seed {seed}): the grid every trained method was tuned on; vs LPI's seed-{seed} run",
-         sweep, sweep_stats, lpi_same_seed),
+         sweep, sweep_stats, lpi_same_seed, seed_spread),
     )
-    for title, rows, section_stats, reference in sections:
+    for title, rows, section_stats, reference, floor in sections:
         lines += [f"### {title}", "", header, rule]
         for row in rows:
             s = section_stats.get(row.name)
@@ -251,8 +251,6 @@ def table(root: Path, quick: bool, best: dict[str, float], seed: int = 0) -> str
             routing = (f"{fmt(s, 'routing_image', spread=False)} / {fmt(s, 'routing_text', spread=False)}"
                        if "routing_image" in s else "– (none)")
             n = max(v[2] for v in s.values())
-            # one-seed comparisons have no spread of their own: LPI's seed spread over the main rows is the floor
-            floor = max(0.5, lpi.get("mean_R@1", (0.0, 0.0))[1]) if reference is not lpi else 0.5
             versus = "—" if row.name == lpi_row else verdict(reference, s, floor=floor)
             lines.append(
                 f"| {row.label} | {n} | {fmt(s, 'i2t_R@1')} | {fmt(s, 'i2t_R@5')} | {fmt(s, 't2i_R@1')} | "
