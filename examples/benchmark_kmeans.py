@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from peft_lpi.routing import kmeans
+from peft_lpi.tuner.routing import kmeans
 
 
 def naive_assign(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,10 @@ from transformers import CLIPModel
 
 import peft_lpi  # noqa: F401  (registers LPI)
 from peft_lpi import LPIConfig
-from peft_lpi.baselines import LORA_TARGET_MODULES
+from peft_lpi.continual.baselines import LORA_TARGET_MODULES
+from peft_lpi.continual.objective import LPIObjective, base_contrastive_loss
 from peft_lpi.evaluation import retrieval_recall
-from peft_lpi.model import embedding_of
-from peft_lpi.objective import LPIObjective, base_contrastive_loss
+from peft_lpi.tuner.model import embedding_of
 
 VARIANTS = ("base", "lpi", "lpi-mixed", "lora", "full")
 TASKS, TRAINED_TASK = 4, 1

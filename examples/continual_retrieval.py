@@ -30,8 +30,8 @@ from accelerate.utils import InitProcessGroupKwargs
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
-from peft_lpi.baselines import LORA_TARGET_MODULES, build_method
-from peft_lpi.trainer import ContinualTrainer, ContinualTrainingArguments
+from peft_lpi.continual.baselines import LORA_TARGET_MODULES, build_method
+from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments
 
 OFFLINE = "offline-world"
 
@@ -71,7 +71,7 @@ class ModelArguments:
         default="lpi",
         metadata={
             "help": "Continual method: lpi, zero-shot, shared-prompt, s-prompts, lora (per-task LoRA, rank 4) or joint "
-            "(LPI on all tasks at once, the upper bound). See peft_lpi/baselines.py and docs/results.md."
+            "(LPI on all tasks at once, the upper bound). See peft_lpi/continual/baselines.py and docs/results.md."
         },
     )
     lora_rank: int = field(default=4, metadata={"help": "--method lora: LoRA rank of every adapter."})
@@ -125,7 +125,7 @@ class DataArguments:
 def load_backbone(args: ModelArguments, accelerator: Accelerator):
     path = args.model
     if path == OFFLINE:
-        from peft_lpi.backbone import get_offline_backbone
+        from peft_lpi.data.backbone import get_offline_backbone
 
         with accelerator.main_process_first():  # one process pretrains, the others reuse the cache
             path = str(get_offline_backbone(args.backbone_cache, progress=accelerator.is_local_main_process))

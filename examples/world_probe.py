@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from peft_lpi.backbone import get_offline_backbone, multi_positive_clip_loss
+from peft_lpi.data.backbone import get_offline_backbone, multi_positive_clip_loss
 from peft_lpi.data.world import build_offline_benchmark
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import huggingface_hub
 
-from . import __version__
+from ._version import __version__
 from .report import markdown_table
 
 LPI_CARD_TAGS = ["peft", "lpi", "continual-learning", "vision-language", "retrieval", "clip"]
@@ -69,7 +69,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 def _lpi_tuner(model: Any) -> Any:
     """The LPIModel of a PeftModel (or the LPIModel itself); TypeError for anything else."""
-    from .model import LPIModel
+    from .tuner.model import LPIModel
 
     if isinstance(model, LPIModel):
         return model

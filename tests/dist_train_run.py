@@ -23,9 +23,9 @@ from transformers import CLIPModel  # noqa: E402
 
 import peft_lpi  # noqa: E402, F401
 from peft_lpi import LPIConfig  # noqa: E402
-from peft_lpi.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor  # noqa: E402
+from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments  # noqa: E402
+from peft_lpi.data.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor  # noqa: E402
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark  # noqa: E402
-from peft_lpi.trainer import ContinualTrainer, ContinualTrainingArguments  # noqa: E402
 
 
 def main() -> None:

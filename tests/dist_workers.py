@@ -19,17 +19,17 @@ from torch import nn
 
 
 def _losses_module() -> ModuleType:
-    """`peft_lpi.losses`, without importing the package in a fresh worker.
+    """`peft_lpi.continual.losses`, without importing the package in a fresh worker.
 
     `import peft_lpi` imports PEFT and transformers (10-20 s per process on a busy 2-core machine); the losses are
     pure torch, so a spawned worker loads the same file directly. In the test process the package is already
     imported and the real module is used.
     """
-    if "peft_lpi.losses" in sys.modules:
-        return sys.modules["peft_lpi.losses"]
+    if "peft_lpi.continual.losses" in sys.modules:
+        return sys.modules["peft_lpi.continual.losses"]
     name = "_peft_lpi_losses_for_workers"
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "peft_lpi" / "losses.py"
+        path = Path(__file__).resolve().parents[1] / "peft_lpi" / "continual" / "losses.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

@@ -19,7 +19,7 @@ SEED = 0
 
 def build_world():
     """(tokenizer, image processor, DatasetDict) of the offline world: 2 tasks, 16 train / 4 validation images each."""
-    from peft_lpi.backbone import build_world_tokenizer, world_image_processor
+    from peft_lpi.data.backbone import build_world_tokenizer, world_image_processor
     from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
 
     tokenizer = build_world_tokenizer()
@@ -31,7 +31,7 @@ def build_base(tokenizer, seed: int = SEED):
     """A 1-layer, width-32 CLIP from the world's config (random weights from `seed`)."""
     from transformers import CLIPModel
 
-    from peft_lpi.backbone import tiny_clip_config
+    from peft_lpi.data.backbone import tiny_clip_config
 
     config = tiny_clip_config(tokenizer)
     for tower in (config.vision_config, config.text_config):
@@ -53,7 +53,7 @@ def build_model(tokenizer, seed: int = SEED):
 
 
 def build_args(output_dir, **overrides):
-    from peft_lpi.trainer import ContinualTrainingArguments
+    from peft_lpi.continual.trainer import ContinualTrainingArguments
 
     values = dict(
         output_dir=str(output_dir), epochs=1, batch_size=4, eval_batch_size=64, optimizer="adamw", learning_rate=1e-2,
@@ -66,7 +66,7 @@ def build_args(output_dir, **overrides):
 def make_trainer(world, output_dir, **overrides):
     from accelerate.state import AcceleratorState
 
-    from peft_lpi.trainer import ContinualTrainer
+    from peft_lpi.continual.trainer import ContinualTrainer
 
     AcceleratorState._reset_state(True)
     tokenizer, processor, data = world

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
-from peft_lpi.backbone import word_level_tokenizer
+from peft_lpi.data.backbone import word_level_tokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # EOS != 2: CLIP then pools at the first EOS token (not argmax of ids)
 TINY_VOCAB_SIZE = 100

@@ -10,8 +10,7 @@ from accelerate.state import AcceleratorState
 from transformers import CLIPModel
 
 import peft_lpi  # noqa: F401
-from peft_lpi.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
-from peft_lpi.baselines import (
+from peft_lpi.continual.baselines import (
     METHOD_NAMES,
     LoRAMethod,
     build_method,
@@ -19,10 +18,11 @@ from peft_lpi.baselines import (
     lora_adapter_name,
     matched_full_rank_std,
 )
+from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments
+from peft_lpi.data.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
 from peft_lpi.evaluation import continual_metrics
-from peft_lpi.model import embedding_of
-from peft_lpi.trainer import ContinualTrainer, ContinualTrainingArguments
+from peft_lpi.tuner.model import embedding_of
 
 LPI_KWARGS = dict(prompt_length=2, prompt_depth=2, rank=2, num_keys=3)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import peft_lpi.losses  # noqa: F401  (the real module, used by dist_workers in this process)
+import peft_lpi.continual.losses  # noqa: F401  (the real module, used by dist_workers in this process)
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:  # spawned workers inherit sys.path and unpickle `dist_workers.*` by name

@@ -135,7 +135,7 @@ def hub_cache(tmp_path_factory) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from peft_lpi.backbone import build_world_tokenizer, world_image_processor
+    from peft_lpi.data.backbone import build_world_tokenizer, world_image_processor
 
     cache = tmp_path_factory.mktemp("hub")
     tokenizer = build_world_tokenizer()
@@ -421,7 +421,7 @@ def lpi_config_table() -> str:
 
 
 def trainer_arguments_table() -> str:
-    from peft_lpi.trainer import ContinualTrainingArguments
+    from peft_lpi.continual.trainer import ContinualTrainingArguments
 
     return dataclass_table(ContinualTrainingArguments)
 
@@ -479,11 +479,30 @@ def test_generated_tables_match_the_code(page, name):
 
 
 API_MODULES = (
-    "peft_lpi", "peft_lpi.registration", "peft_lpi.config", "peft_lpi.model", "peft_lpi.factors", "peft_lpi.layer",
-    "peft_lpi.architectures", "peft_lpi.objective", "peft_lpi.losses", "peft_lpi.similarity", "peft_lpi.routing",
-    "peft_lpi.evaluation", "peft_lpi.metrics", "peft_lpi.trainer", "peft_lpi.methods", "peft_lpi.baselines",
-    "peft_lpi.data.coco", "peft_lpi.data.generic", "peft_lpi.data.preprocess", "peft_lpi.data.world",
-    "peft_lpi.backbone", "peft_lpi.report", "peft_lpi.io", "peft_lpi.hub",
+    "peft_lpi",
+    "peft_lpi.tuner.registration",
+    "peft_lpi.tuner.config",
+    "peft_lpi.tuner.model",
+    "peft_lpi.tuner.factors",
+    "peft_lpi.tuner.layer",
+    "peft_lpi.tuner.architectures",
+    "peft_lpi.tuner.routing",
+    "peft_lpi.continual.objective",
+    "peft_lpi.continual.losses",
+    "peft_lpi.continual.similarity",
+    "peft_lpi.continual.trainer",
+    "peft_lpi.continual.methods",
+    "peft_lpi.continual.baselines",
+    "peft_lpi.evaluation",
+    "peft_lpi.evaluation.retrieval",
+    "peft_lpi.data.coco",
+    "peft_lpi.data.generic",
+    "peft_lpi.data.preprocess",
+    "peft_lpi.data.world",
+    "peft_lpi.data.backbone",
+    "peft_lpi.report",
+    "peft_lpi.io",
+    "peft_lpi.hub",
 )
 
 

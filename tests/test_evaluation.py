@@ -143,7 +143,7 @@ def test_evaluate_metric_loads_offline_and_matches(monkeypatch):
         monkeypatch.setenv(var, "1")
     import evaluate
 
-    from peft_lpi.metrics import RETRIEVAL_RECALL_PATH
+    from peft_lpi.evaluation import RETRIEVAL_RECALL_PATH
 
     monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True, raising=False)
     monkeypatch.setattr(evaluate.config, "HF_HUB_OFFLINE", True, raising=False)

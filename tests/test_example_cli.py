@@ -12,7 +12,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 import peft_lpi
-from peft_lpi.backbone import build_world_tokenizer, world_image_processor
+from peft_lpi.data.backbone import build_world_tokenizer, world_image_processor
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
 
 sys.path.insert(0, str(Path(__file__).parent))

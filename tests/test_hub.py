@@ -309,7 +309,7 @@ def test_example_push_to_hub_flag_uploads_after_training(stub, tmp_path, monkeyp
     from accelerate.state import AcceleratorState
     from fault_run import build_base
 
-    from peft_lpi.backbone import build_world_tokenizer, world_image_processor
+    from peft_lpi.data.backbone import build_world_tokenizer, world_image_processor
 
     tokenizer = build_world_tokenizer()
     backbone = tmp_path / "backbone"

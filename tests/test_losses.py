@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_lpi.losses import (
+from peft_lpi.continual.losses import (
     contrastive_loss,
     gather_with_grad,
     hierarchical_alignment_loss,

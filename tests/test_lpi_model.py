@@ -18,9 +18,9 @@ from torch import nn
 
 import peft_lpi
 from peft_lpi import LPIConfig, register_lpi
-from peft_lpi.factors import LPITaskFactors
 from peft_lpi.io import CheckpointError
-from peft_lpi.layer import LPIPromptedLayer
+from peft_lpi.tuner.factors import LPITaskFactors
+from peft_lpi.tuner.layer import LPIPromptedLayer
 
 KINDS = ("clip", "siglip", "vit_bert")
 SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)  # K, P, r of most tests
@@ -147,7 +147,7 @@ def reference_clip_image(clip, prompts: torch.Tensor, pixel_values):
 
 # ================================================================================================== registration
 def test_registration_is_idempotent_and_complete():
-    importlib.reload(importlib.import_module("peft_lpi.registration"))
+    importlib.reload(importlib.import_module("peft_lpi.tuner.registration"))
     import peft_lpi as again  # noqa: F401  (second import is a no-op)
 
     register_lpi()

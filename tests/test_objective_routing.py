@@ -9,9 +9,9 @@ from peft import get_peft_model
 
 import peft_lpi  # noqa: F401
 from peft_lpi import LPIConfig
-from peft_lpi.losses import contrastive_loss, sigmoid_loss
-from peft_lpi.model import embedding_of
-from peft_lpi.objective import LPIObjective
+from peft_lpi.continual.losses import contrastive_loss, sigmoid_loss
+from peft_lpi.continual.objective import LPIObjective
+from peft_lpi.tuner.model import embedding_of
 
 BUILDERS = {"clip": tiny_clip, "siglip": tiny_siglip}
 

@@ -11,8 +11,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from peft_lpi.backbone import word_level_tokenizer
 from peft_lpi.data import RetrievalCollator, caption_id, continual_features, flatten_captions
+from peft_lpi.data.backbone import word_level_tokenizer
 from peft_lpi.data.preprocess import column_values, with_pixel_values
 
 WORDS = "a red blue circle square on the left right big small".split()

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 
 import peft_lpi  # noqa: F401
 from peft_lpi import LPIConfig
+from peft_lpi.continual.trainer import ContinualTrainer, TrainingDivergedError
 from peft_lpi.io import CheckpointError
-from peft_lpi.trainer import ContinualTrainer, TrainingDivergedError
 
 SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)
 
@@ -270,7 +270,7 @@ def test_greyscale_rgba_and_odd_sized_images_encode(world):
 
 # ============================================================================================= inf loss
 def test_inf_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
-    from peft_lpi.objective import LPIObjective
+    from peft_lpi.continual.objective import LPIObjective
 
     trainer = make_trainer(world, tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_lpi.routing import kmeans, nearest_task, routing_accuracy
+from peft_lpi.tuner.routing import kmeans, nearest_task, routing_accuracy
 
 
 def _blobs(n_per: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import tiny_clip_model, tiny_siglip_model, tiny_word_tokenizer
 
-from peft_lpi.similarity import (
+from peft_lpi.continual.similarity import (
     cosine_similarity_matrix,
     encode_texts,
     similarity_targets,

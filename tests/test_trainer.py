@@ -13,9 +13,9 @@ from transformers import CLIPModel
 
 import peft_lpi  # noqa: F401
 from peft_lpi import LPIConfig
-from peft_lpi.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
+from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments, TrainingDivergedError
+from peft_lpi.data.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
-from peft_lpi.trainer import ContinualTrainer, ContinualTrainingArguments, TrainingDivergedError
 
 
 @pytest.fixture(scope="module")

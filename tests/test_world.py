@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-import peft_lpi.backbone as backbone
-from peft_lpi.backbone import (
+import peft_lpi.data.backbone as backbone
+from peft_lpi.data.backbone import (
     METADATA_FILE,
     build_world_tokenizer,
     default_cache_dir,

@@ -2,7 +2,7 @@
 
 The trainer owns the loop (data, optimiser, Accelerate, checkpoints, evaluation); a `ContinualMethod` owns what
 differs between methods: which parameters train for a task, the loss, the task keys, and how samples are encoded
-(with the true task, with routed tasks, or prompt-free). Baselines (`peft_lpi.baselines`) implement the same
+(with the true task, with routed tasks, or prompt-free). Baselines (`peft_lpi.continual.baselines`) implement the same
 interface so they run under the identical protocol.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import embedding_of
+from ..tuner.model import embedding_of
 from .objective import LPIObjective
 
 FeatureChunks = Callable[[], Iterator[torch.Tensor]]
@@ -129,7 +129,7 @@ class LPIMethod(ContinualMethod):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from .io import CheckpointError
+        from ..io import CheckpointError
 
         adapter_file = Path(path) / "adapter_model.safetensors"
         try:

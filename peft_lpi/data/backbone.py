@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
-from peft_lpi.data.world import IMAGE_SIZE, WORLD_VERSION, WORLD_VOCABULARY, render_generic_arrays
+from .world import IMAGE_SIZE, WORLD_VERSION, WORLD_VOCABULARY, render_generic_arrays
 
 BACKBONE_FORMAT = "world-backbone-v1"
 METADATA_FILE = "world_backbone.json"

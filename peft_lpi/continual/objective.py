@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LPIConfig
+from ..tuner.config import LPIConfig
 from .losses import contrastive_loss, hierarchical_alignment_loss, sigmoid_loss, task_contrastive_loss
 from .similarity import similarity_targets
 

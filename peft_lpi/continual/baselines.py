@@ -1,6 +1,6 @@
 """Baselines and the joint upper bound, run by the same `ContinualTrainer` under the identical protocol as LPI.
 
-Every method here is a `peft_lpi.methods.ContinualMethod`; `build_method(name, ...)` creates the model and the method
+Every method here is a `peft_lpi.continual.methods.ContinualMethod`; `build_method(name, ...)` creates the model and the method
 from a frozen base model and is what `examples/continual_retrieval.py --method NAME` calls:
 
 | name            | model                                           | trains per task             | routing         |
@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LPIConfig
+from ..tuner.config import LPIConfig
+from ..tuner.model import embedding_of
+from ..tuner.routing import kmeans, nearest_task
 from .losses import hierarchical_alignment_loss, task_contrastive_loss
 from .methods import ContinualMethod, FeatureChunks, LPIMethod
-from .model import embedding_of
 from .objective import LPIObjective, base_contrastive_loss
-from .routing import kmeans, nearest_task
 from .similarity import similarity_targets
 
 METHOD_NAMES = ("lpi", "zero-shot", "shared-prompt", "s-prompts", "lora", "joint")
@@ -92,7 +92,7 @@ class ZeroShotMethod(ContinualMethod):
         (Path(path) / ZERO_SHOT_MARKER).write_text('{"method": "zero-shot"}\n')
 
     def load_adapter(self, path: Any) -> None:
-        from .io import CheckpointError
+        from ..io import CheckpointError
 
         if not (Path(path) / ZERO_SHOT_MARKER).is_file():
             raise CheckpointError(f"Checkpoint {path} was not written by the zero-shot method.")
@@ -275,7 +275,7 @@ class LoRAMethod(ContinualMethod):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from .io import CheckpointError
+        from ..io import CheckpointError
 
         try:
             for name in self.adapters:

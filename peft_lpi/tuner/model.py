@@ -19,11 +19,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from . import __version__
+from .._version import __version__
+from ..io import TASK_FILE_FORMAT, TASK_FILE_VERSION, CheckpointError, read_task_file, save_tensors_atomic
 from .architectures import TowerSpec, find_towers
 from .config import LPIConfig
 from .factors import VISION, LPIPromptBank, LPITaskFactors
-from .io import TASK_FILE_FORMAT, TASK_FILE_VERSION, CheckpointError, read_task_file, save_tensors_atomic
 from .layer import LPIPromptedLayer
 from .routing import kmeans, nearest_task
 
@@ -517,7 +517,3 @@ class LPIModel(BaseTuner):
         """Append a task trained elsewhere (same backbone and LPI shape), keys included; returns its new id."""
         return self.load_task(None, path)
 
-
-from .hub import install_push_to_hub  # noqa: E402  (PeftModel.push_to_hub writes the LPI card for LPI adapters)
-
-install_push_to_hub()

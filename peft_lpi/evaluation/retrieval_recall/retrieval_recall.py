@@ -4,7 +4,7 @@ Usage (no network needed: the metric is loaded from a local path):
 
 ```python
 import evaluate
-from peft_lpi.metrics import RETRIEVAL_RECALL_PATH
+from peft_lpi.evaluation import RETRIEVAL_RECALL_PATH
 
 metric = evaluate.load(RETRIEVAL_RECALL_PATH)
 # one row per caption: its embedding and the index of its image in `image_embeds`

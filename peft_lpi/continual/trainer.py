@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .data.preprocess import RetrievalCollator, column_values, flatten_captions, with_pixel_values
-from .evaluation import continual_metrics, per_task_recall, retrieval_recall
-from .io import CheckpointError, atomic_directory, recover_directory
+from ..data.preprocess import RetrievalCollator, column_values, flatten_captions, with_pixel_values
+from ..evaluation import continual_metrics, per_task_recall, retrieval_recall
+from ..io import CheckpointError, atomic_directory, recover_directory
+from ..tuner.routing import routing_accuracy
 from .methods import ContinualMethod, LPIMethod
-from .routing import routing_accuracy
 from .similarity import task_similarity_from_captions, task_similarity_from_names
 
 CHECKPOINT_DIR = "checkpoint"
@@ -106,7 +106,7 @@ class ContinualTrainer:
         args: `ContinualTrainingArguments`.
         task_similarity: optional user (T, T) matrix; else computed with the frozen text encoder.
         accelerator: an `Accelerator`; created from `args` when None.
-        method: the continual method (default: `LPIMethod(model)`); baselines live in `peft_lpi.baselines`.
+        method: the continual method (default: `LPIMethod(model)`); baselines live in `peft_lpi.continual.baselines`.
     """
 
     def __init__(
@@ -224,7 +224,7 @@ class ContinualTrainer:
         results = self.results()
         self.model.lpi_run_results = results  # used by model.push_to_hub (peft_lpi.hub) for the model card
         if acc.is_main_process:
-            from .report import write_report
+            from ..report import write_report
 
             write_report(results, self.output_dir, model=self.model)
         acc.wait_for_everyone()

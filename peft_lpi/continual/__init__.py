@@ -1,0 +1,1 @@
+"""Continual learning around the tuner: methods and baselines, losses, the objective and the Accelerate trainer."""
