@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 
-LPI_PEFT_TYPE = "LPI"
+
+class LPIPeftType(str, enum.Enum):
+    """The `peft_type` of LPI adapters: a str enum member, as PEFT's own `PeftType` members are.
+
+    PEFT's `PeftType` enum has no public way to add a member (`register_peft_method` only accepts existing members;
+    extending it means editing private `Enum` internals), so LPI brings its own one-member str enum. It behaves like a
+    `PeftType` member wherever PEFT reads one: it equals (and hashes like) the string "LPI", so PEFT's registries keyed
+    by "LPI" and the JSON adapter config work; it has `.value` (model cards, `get_peft_model(..., mixed=True)`'s error
+    message); and `str()` gives "LPIPeftType.LPI", from which `get_model_status` takes "LPI". Only
+    `isinstance(x, PeftType)` is False, which PEFT 0.21 never checks.
+    """
+
+    LPI = "LPI"
+
+
+LPI_PEFT_TYPE = LPIPeftType.LPI
 LPI_CONFIG_FORMAT_VERSION = 1
 
 _TOWERS = ("both", "vision", "text")
@@ -98,6 +114,21 @@ class LPIConfig(PeftConfig):
         default=None,
         metadata={"help": "Whether the text tower is causal (prompts after BOS visible to later tokens). None: detect."},
     )
+    trainable_task: int = field(
+        default=0,
+        metadata={
+            "help": "The task whose factors are trainable after get_peft_model (and after "
+            "PeftModel.from_pretrained(..., is_trainable=True)); every other task is frozen. `train_task(t)` updates "
+            "it, so a saved adapter resumes training the task it stopped at."
+        },
+    )
+    finished_tasks: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Tasks whose training is over (set by `train_task` when training moves to another task). No PEFT "
+            "call makes them trainable again; only `train_task(t, allow_retrain=True)` does."
+        },
+    )
     format_version: int = field(
         default=LPI_CONFIG_FORMAT_VERSION, metadata={"help": "Version of the LPI adapter format (set by the library)."}
     )
@@ -115,6 +146,20 @@ class LPIConfig(PeftConfig):
 
         for name in ("num_tasks", "prompt_length", "prompt_depth", "rank", "num_keys"):
             positive_int(name)
+        if isinstance(self.trainable_task, bool) or not isinstance(self.trainable_task, int):
+            raise ValueError(f"LPIConfig.trainable_task must be a task id (int), got {self.trainable_task!r}.")
+        if not 0 <= self.trainable_task < self.num_tasks:
+            raise ValueError(
+                f"LPIConfig.trainable_task={self.trainable_task} is not a task of this adapter (0..{self.num_tasks - 1})."
+            )
+        self.finished_tasks = sorted({int(t) for t in self.finished_tasks or []})
+        if any(not 0 <= t < self.num_tasks for t in self.finished_tasks):
+            raise ValueError(f"LPIConfig.finished_tasks={self.finished_tasks} has ids outside 0..{self.num_tasks - 1}.")
+        if self.trainable_task in self.finished_tasks:
+            raise ValueError(
+                f"LPIConfig.trainable_task={self.trainable_task} is listed in finished_tasks: a finished task is not "
+                "trainable. Pick an unfinished task, or retrain it explicitly with `train_task(t, allow_retrain=True)`."
+            )
         if self.task_names is not None and len(self.task_names) > self.num_tasks:
             raise ValueError(f"LPIConfig.task_names has {len(self.task_names)} names for {self.num_tasks} tasks.")
         if self.towers not in _TOWERS:

@@ -163,10 +163,12 @@ class LPIPromptBank(nn.Module):
         )
         self.tasks = nn.ModuleList([LPITaskFactors(**self._factor_kwargs) for _ in range(num_tasks)])
         self._eval_cache: dict[int, tuple[tuple, dict[str, torch.Tensor]]] = {}
-        # Task keys: (T, k, D_embed) per modality, NaN until the task's keys are built; `has_keys` marks tasks with keys.
+        # Task keys: (T, k, D_embed) per modality, zero until the task's keys are built; `has_keys` says which tasks
+        # have keys (no NaN sentinels: every buffer stays finite, so saved / reloaded adapters compare with allclose).
         for modality, size in key_sizes.items():
-            self.register_buffer(f"{modality}_keys", torch.full((num_tasks, num_keys, size), float("nan")))
+            self.register_buffer(f"{modality}_keys", torch.zeros(num_tasks, num_keys, size))
         self.register_buffer("has_keys", torch.zeros(num_tasks, dtype=torch.bool))
+        self._partial_keys: dict[int, set[str]] = {}  # modalities given so far to a task without keys (not saved)
 
     @property
     def num_tasks(self) -> int:
@@ -179,10 +181,9 @@ class LPIPromptBank(nn.Module):
     def add_task(self) -> int:
         """Append a freshly initialised task (factors on the device of the existing ones); returns its index."""
         reference = next(self.parameters())
-        self.tasks.append(LPITaskFactors(**self._factor_kwargs).to(reference.device))
+        self.tasks.append(LPITaskFactors(**self._factor_kwargs).to(device=reference.device, dtype=reference.dtype))
         for name, buffer in list(self.named_buffers(recurse=False)):
-            pad_value = False if buffer.dtype == torch.bool else float("nan")
-            pad = torch.full((1, *buffer.shape[1:]), pad_value, dtype=buffer.dtype, device=buffer.device)
+            pad = torch.zeros((1, *buffer.shape[1:]), dtype=buffer.dtype, device=buffer.device)
             setattr(self, name, torch.cat([buffer, pad], dim=0))
         return self.num_tasks - 1
 

@@ -67,8 +67,14 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
     prompts, or None when prompts are off (adapter disabled, no active adapter).
     """
 
-    adapter_layer_names: tuple[str, ...] = ()
+    # PEFT's status helpers (get_layer_status / get_model_status) read `adapter_layer_names` containers keyed by adapter
+    # name. The factors live on the tuner, so the layer exposes a view, not registered as a submodule (so nothing is
+    # saved twice): {adapter: the factors of the task that adapter trains}. Trainability itself is the tuner's state:
+    # the layer's set_adapter / enable_adapters / set_requires_grad never touch requires_grad directly.
+    adapter_layer_names: tuple[str, ...] = ("lpi_training_factors",)
     other_param_names: tuple[str, ...] = ()
+    training_factors_source: Callable[[], nn.ModuleDict] | None = None  # set by LPIModel when it wraps the layer
+    requires_grad_sink: Callable[[list[str], bool], None] | None = None  # LPIModel.set_requires_grad
 
     def __init__(
         self, base_layer: nn.Module, modality: str, layer_index: int, causal: bool, prompt_source: PromptSource
@@ -96,6 +102,28 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         return None
+
+    @property
+    def lpi_training_factors(self) -> nn.ModuleDict:
+        """{adapter name: factors of its training task} (a view of the tuner's factors, for PEFT's status helpers)."""
+        return self.training_factors_source() if self.training_factors_source is not None else nn.ModuleDict()
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Record the active adapter; requires_grad is the tuner's (`LPIModel.set_adapter`)."""
+        self._active_adapter = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the prompts of this layer on or off; requires_grad is the tuner's (`LPIModel._enable_adapter_layers`)."""
+        self._disable_adapters = not enabled
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Delegate to `LPIModel.set_requires_grad`: it never makes a finished task trainable."""
+        if self.requires_grad_sink is not None:
+            self.requires_grad_sink([adapter_names] if isinstance(adapter_names, str) else list(adapter_names), requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """The factors live on the tuner (`LPIModel.delete_adapter` removes them); only the active list changes here."""
+        self._active_adapter = [name for name in self.active_adapters if name != adapter_name]
 
     def _split_arguments(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any, Callable[..., tuple, dict]]:
         """Find hidden_states (parameter 0) and attention_mask by signature, whatever their position."""

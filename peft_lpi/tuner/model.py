@@ -31,6 +31,13 @@ AUTO = "auto"
 TaskSelection = int | torch.Tensor | str
 
 
+def _finite_keys(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A routing-key tensor of an older adapter, NaN (its old "no keys yet" sentinel) replaced by 0; others as is."""
+    if "lpi_prompts" in key and key.endswith(("vision_keys", "text_keys")) and value.is_floating_point():
+        return value.nan_to_num(0.0)
+    return value
+
+
 def embedding_of(output: Any) -> torch.Tensor:
     """The projected embedding from a feature method: a tensor (transformers 4) or `.pooler_output` (5.x)."""
     if isinstance(output, torch.Tensor):
@@ -71,6 +78,7 @@ class LPIModel(BaseTuner):
             )
         if "lpi_prompts" not in self._modules:
             self.lpi_prompts = nn.ModuleDict()
+            self._grad_enabled: dict[str, bool] = {}  # per adapter: may its training task(s) require grad now?
             self._task_selection: TaskSelection = 0
             self._routes: dict[str, torch.Tensor] = {}
             self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -112,8 +120,15 @@ class LPIModel(BaseTuner):
                 layers[index] = LPIPromptedLayer(
                     layer, modality, index, towers[modality].causal, self._layer_prompts
                 )
+                layers[index].training_factors_source = self._training_factors_view
+                layers[index].requires_grad_sink = self.set_requires_grad
                 self.targeted_module_names.append(f"{towers[modality].layers_path}.{index}")
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        # A new adapter trains only if it is the active one (the first adapter) and not loaded for inference; adding
+        # an adapter never changes what the other adapters train (PEFT: "add_adapter preserves existing trainability").
+        self._grad_enabled[adapter_name] = adapter_name in self.active_adapters and not config.inference_mode
+        if adapter_name in self.active_adapters:
+            self._task_selection = config.trainable_task
+        self._sync_layer_active_adapters()
         self._mark_only_adapters_as_trainable(model)
 
     @staticmethod
@@ -126,39 +141,119 @@ class LPIModel(BaseTuner):
         raise NotImplementedError("LPIModel injects through inject_adapter.")
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freeze the base model; the LPI factors follow the trainability state (`_apply_trainability`)."""
         for param in model.parameters():
             param.requires_grad = False
+        self._apply_trainability()
+
+    # ------------------------------------------------------------------ trainability: one state, every call agrees
+    # The state of each adapter: `config.trainable_task` (the task being trained), `config.finished_tasks` (tasks whose
+    # training is over; saved with the adapter) and `_grad_enabled[name]` (PEFT's switch: set_adapter,
+    # set_requires_grad, inference_mode). `requires_grad` is always derived from it, so no PEFT call can unfreeze a
+    # task that the state does not name; only `train_task(t, allow_retrain=True)` takes a task out of finished_tasks.
+    def _apply_trainability(self) -> None:
+        """Set requires_grad of every LPI factor from the state: only the training task of grad-enabled adapters."""
+        layers_enabled = not any(layer.disable_adapters for layer in self._prompted_layers())
         for name, bank in self.lpi_prompts.items():
-            trainable = name in self.active_adapters and not self.peft_config[name].inference_mode
-            bank.requires_grad_(trainable)
+            bank.requires_grad_(False)
+            if layers_enabled and self._grad_enabled.get(name, False):
+                bank.tasks[self.peft_config[name].trainable_task].requires_grad_(True)
+        self._prompt_cache.clear()
+
+    def _prompted_layers(self) -> list[LPIPromptedLayer]:
+        return [m for m in self.model.modules() if isinstance(m, LPIPromptedLayer)]
+
+    def _sync_layer_active_adapters(self) -> None:
+        """The wrapped layers report the tuner's active adapter (read by PEFT's `get_layer_status`)."""
+        for layer in self._prompted_layers():
+            layer._active_adapter = list(self.active_adapters)
+
+    def _training_factors_view(self) -> nn.ModuleDict:
+        """{adapter name: the factors of the task that adapter trains}: what PEFT's status helpers report per layer."""
+        return nn.ModuleDict(
+            {name: bank.tasks[self.peft_config[name].trainable_task] for name, bank in self.lpi_prompts.items()}
+        )
+
+    @property
+    def trainable_task(self) -> int:
+        """The task the active adapter trains (its factors require grad unless the adapter is frozen)."""
+        return self.active_config.trainable_task
+
+    @property
+    def finished_tasks(self) -> list[int]:
+        """Tasks of the active adapter whose training is over; only `train_task(t, allow_retrain=True)` reopens one."""
+        return list(self.active_config.finished_tasks)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's switch per adapter: True makes the adapter's training task trainable (never a finished task), False
+        freezes the whole adapter."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.lpi_prompts:
+                raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.lpi_prompts)}.")
+            self._grad_enabled[name] = bool(requires_grad)
+        self._apply_trainability()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Like LoRA: True keeps the factors in float32 (upcasting float16 / bfloat16 ones); False gives them the base
+        model's float dtype. The routing keys always stay float32."""
+        bank = self.lpi_prompts[adapter_name]
+        if autocast_adapter_dtype:
+            target = {p.dtype for p in bank.tasks.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+            if target:
+                bank.tasks.to(torch.float32)
+            return
+        dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+        if dtypes:
+            bank.tasks.to(max(set(dtypes), key=dtypes.count))  # the dtype most base weights have
+        bank._eval_cache.clear()
 
     # ------------------------------------------------------------------ PEFT adapter management
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter. Like LoRA, it becomes trainable (unless `inference_mode`) and the others freeze; for
+        LPI "trainable" means its training task only. Selects that task for the next calls."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) > 1:
             raise ValueError("LPI activates one adapter at a time (tasks live inside one adapter).")
         for name in names:
             if name not in self.lpi_prompts:
                 raise ValueError(f"Adapter {name!r} does not exist; available: {list(self.lpi_prompts)}.")
-        for name, bank in self.lpi_prompts.items():
-            bank.requires_grad_(name in names and not inference_mode)
+        for name in self.lpi_prompts:
+            self._grad_enabled[name] = name in names and not inference_mode
         self.active_adapter = names[0] if names else []
-        self._task_selection = 0
-        self._prompt_cache.clear()
+        self._sync_layer_active_adapters()
+        self._task_selection = self.peft_config[names[0]].trainable_task if names else 0
+        self._routes = {}
+        self._apply_trainability()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         del self.peft_config[adapter_name]
         del self.lpi_prompts[adapter_name]
+        self._grad_enabled.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             remaining = list(self.lpi_prompts)
-            self.active_adapter = remaining[0] if remaining else []
+            if remaining:
+                self.set_adapter(remaining[0])
+            else:
+                self.active_adapter = []
+                self._sync_layer_active_adapters()
+        self._apply_trainability()
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        for module in self.model.modules():
-            if isinstance(module, LPIPromptedLayer):
-                module._disable_adapters = not enabled
+        """Disabled layers add no prompts and nothing trains (like LoRA); enabling restores the trainability state."""
+        for module in self._prompted_layers():
+            module._disable_adapters = not enabled
+        self._apply_trainability()
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: LPIConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Adapters saved before keys were zero-initialised hold NaN keys for tasks without keys: load them as 0."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        return {k: _finite_keys(k, v) for k, v in remapped.items()}
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
@@ -253,23 +348,36 @@ class LPIModel(BaseTuner):
     def current_task(self) -> TaskSelection:
         return self._task_selection
 
-    def train_task(self, task: int) -> list[nn.Parameter]:
+    def train_task(self, task: int, *, allow_retrain: bool = False) -> list[nn.Parameter]:
         """Make task `task` the only trainable one (every other task's factors frozen exactly) and select it.
 
-        Returns the trainable parameters, ready for an optimizer.
+        The task trained until now becomes finished (saved in `LPIConfig.finished_tasks`): no PEFT call makes it
+        trainable again. Training a finished task again (continual learning would then forget it) raises unless
+        `allow_retrain=True` says so. Returns the trainable parameters, ready for an optimizer.
         """
         task = self._check_task_id(task)
-        bank = self.active_bank
-        bank.requires_grad_(False)
-        bank.tasks[task].requires_grad_(True)
+        config = self.active_config
+        finished = set(config.finished_tasks)
+        if task in finished and not allow_retrain:
+            raise ValueError(
+                f"Task {task} is finished (training moved on from it, finished tasks: {sorted(finished)}); training it "
+                "again would change what it learnt. Call train_task(task, allow_retrain=True) if that is intended."
+            )
+        if config.trainable_task != task:
+            finished.add(config.trainable_task)
+        finished.discard(task)
+        config.finished_tasks = sorted(finished)
+        config.trainable_task = task
+        self._grad_enabled[self.active_adapters[0]] = True
+        self._apply_trainability()
         self.set_task(task)
-        return [p for p in bank.tasks[task].parameters()]
+        return [p for p in self.active_bank.tasks[task].parameters()]
 
     def add_task(self) -> int:
         """Append a new task to the active adapter (frozen until `train_task`); returns its id."""
         bank = self.active_bank
         index = bank.add_task()
-        bank.tasks[index].requires_grad_(False)
+        self._apply_trainability()  # the new task stays frozen: trainability follows the state
         config = self.active_config
         config.num_tasks = bank.num_tasks
         if config.task_names is not None:
@@ -339,6 +447,7 @@ class LPIModel(BaseTuner):
         """Store a task's k-means centres (k', D) per modality; fewer than k centres are padded by repetition."""
         task = self._check_task_id(task)
         bank = self.active_bank
+        given: set[str] = set()
         for modality, centres in (("vision", vision), ("text", text)):
             if centres is None:
                 continue
@@ -346,10 +455,17 @@ class LPIModel(BaseTuner):
             num_keys, width = buffer.shape[1:]
             if centres.dim() != 2 or centres.shape[1] != width or centres.shape[0] == 0:
                 raise ValueError(f"{modality} keys must have shape (k, {width}), got {tuple(centres.shape)}.")
+            if not bool(torch.isfinite(centres).all()):
+                raise ValueError(f"{modality} keys of task {task} contain NaN or inf.")
             repeat = torch.arange(num_keys) % centres.shape[0]
             buffer[task] = centres[repeat].to(buffer)
-        both = all(bool(torch.isfinite(getattr(bank, f"{m}_keys")[task]).all()) for m in ("vision", "text"))
-        bank.has_keys[task] = both  # routing needs keys of both modalities
+            given.add(modality)
+        if not bool(bank.has_keys[task]):  # routing needs keys of both modalities, possibly given in two calls
+            seen = bank._partial_keys.get(task, set()) | given
+            bank._partial_keys[task] = seen
+            if seen >= {"vision", "text"}:
+                bank.has_keys[task] = True
+                del bank._partial_keys[task]
 
     def build_task_keys(self, task: int, *, vision: Any = None, text: Any = None, seed: int = 0) -> None:
         """k-means (k = LPIConfig.num_keys) on a task's L2-normalised prompt-free features, stored as its keys.
@@ -508,8 +624,8 @@ class LPIModel(BaseTuner):
             sources = candidate.state_dict()
             for name, param in target.state_dict(keep_vars=True).items():
                 param.copy_(sources[name].to(param))
-            for modality, value in keys.items():
-                getattr(bank, f"{modality}_keys")[task] = value.to(getattr(bank, f"{modality}_keys"))
+            for modality, value in keys.items():  # task files written before zero-initialised keys hold NaN
+                getattr(bank, f"{modality}_keys")[task] = value.nan_to_num(0.0).to(getattr(bank, f"{modality}_keys"))
             bank.has_keys[task] = bool(available.reshape(()).item())
         return task
 

@@ -1,8 +1,9 @@
 """Registering "LPI" with PEFT 0.21's registries (idempotent), without forking PEFT.
 
-PEFT's `register_peft_method` only accepts members of its `PeftType` enum, so the four registries are filled with
-the plain string "LPI" (PeftType is a str enum and lookups use the JSON string). PEFT has no plugin discovery:
-`import peft_lpi` must run before a saved LPI adapter is loaded.
+PEFT's `register_peft_method` only accepts members of its `PeftType` enum, so the registries are filled directly,
+keyed by `LPIPeftType.LPI`, a str enum member equal to (and hashing like) "LPI" (see `config.LPIPeftType` for why
+not a `PeftType` member). PEFT has no plugin discovery: `import peft_lpi` must run before a saved LPI adapter is
+loaded.
 """
 
 from __future__ import annotations
