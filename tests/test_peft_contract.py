@@ -79,7 +79,9 @@ def _one_thread():
 
 
 def base_model(kind: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A tiny random model named like a hub checkpoint (PEFT's checks compare it with the saved config and card)."""
     model = BUILDERS[kind]()
+    model.name_or_path = model.config._name_or_path = f"tiny-random-{kind}"
     return model.to(dtype) if dtype is not None else model
 
 
