@@ -634,6 +634,21 @@ def test_from_pretrained_is_trainable_restores_the_state(kind, tmp_path):
         trainable.train_task(0)
 
 
+def test_continual_method_resume_restores_the_state(tmp_path):
+    """The trainer's resume path (`LPIMethod.load_adapter`) restores the training task and the finished tasks."""
+    from peft_lpi.continual.methods import LPIMethod
+
+    model = wrap("clip", 3)
+    model.train_task(1)
+    model.train_task(2)
+    LPIMethod(model).save_adapter(tmp_path)
+    fresh = wrap("clip", 3, seed=1)
+    LPIMethod(fresh).load_adapter(tmp_path)
+    assert fresh.base_model.trainable_task == 2 and fresh.base_model.finished_tasks == [0, 1]
+    assert task_requires_grad(fresh) == [False, False, True]
+    assert all(torch.equal(v, lpi_state(model)[k]) for k, v in lpi_state(fresh).items())
+
+
 def test_peft_type_is_an_enum_value():
     model = wrap("clip", 1)
     peft_type = model.peft_config["default"].peft_type

@@ -147,3 +147,4 @@ class LPIMethod(ContinualMethod):
         missing = [k for k in result.missing_keys if "lpi_prompts" in k]
         if missing:
             raise CheckpointError(f"Checkpoint {path} lacks adapter tensors (e.g. {missing[:3]}); it does not fit.")
+        self.tuner._restore_training_state(Path(path) / "adapter_config.json")

@@ -78,7 +78,7 @@ class LPIModel(BaseTuner):
             )
         if "lpi_prompts" not in self._modules:
             self.lpi_prompts = nn.ModuleDict()
-            self._grad_enabled: dict[str, bool] = {}  # per adapter: may its training task(s) require grad now?
+            self._grad_enabled: dict[str, bool] = {}  # per adapter: may its training task require grad now?
             self._task_selection: TaskSelection = 0
             self._routes: dict[str, torch.Tensor] = {}
             self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -194,18 +194,33 @@ class LPIModel(BaseTuner):
             self._grad_enabled[name] = bool(requires_grad)
         self._apply_trainability()
 
+    def _restore_training_state(self, config_file: str | os.PathLike) -> None:
+        """Take the active adapter's training task and finished tasks from a saved adapter_config.json (a resumed
+        run continues with the state it stopped with); a file without them (older versions) changes nothing."""
+        if not os.path.isfile(config_file):
+            return
+        with open(config_file, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if "trainable_task" not in saved:
+            return
+        config = self.active_config
+        trainable, finished = int(saved["trainable_task"]), sorted({int(t) for t in saved.get("finished_tasks") or []})
+        if not 0 <= trainable < self.num_tasks or any(not 0 <= t < self.num_tasks for t in finished):
+            raise CheckpointError(f"{config_file}: trainable_task / finished_tasks do not fit {self.num_tasks} tasks.")
+        config.trainable_task, config.finished_tasks = trainable, finished
+        self._apply_trainability()
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Like LoRA: True keeps the factors in float32 (upcasting float16 / bfloat16 ones); False gives them the base
         model's float dtype. The routing keys always stay float32."""
         bank = self.lpi_prompts[adapter_name]
         if autocast_adapter_dtype:
-            target = {p.dtype for p in bank.tasks.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
-            if target:
+            if any(p.dtype in (torch.float16, torch.bfloat16) for p in bank.tasks.parameters()):
                 bank.tasks.to(torch.float32)
-            return
-        dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
-        if dtypes:
-            bank.tasks.to(max(set(dtypes), key=dtypes.count))  # the dtype most base weights have
+        else:
+            dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+            if dtypes:
+                bank.tasks.to(max(set(dtypes), key=dtypes.count))  # the dtype most base weights have
         bank._eval_cache.clear()
 
     # ------------------------------------------------------------------ PEFT adapter management
