@@ -494,6 +494,53 @@ def test_disable_adapter_context_state(kind, num_tasks):
 
 
 @pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_disable_adapters_exiting_context_irregular_state(kind, num_tasks):
+    """custom: test_disable_adapters_exiting_context_irregular_state (a warning, then every layer enabled again)."""
+    model = wrap(kind, num_tasks)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers[0].enable_adapters(False)
+    assert {m.disable_adapters for m in layers} == {True, False}
+    msg = "The model contains some adapter layers that are enabled and others that are disabled"
+    with pytest.warns(UserWarning, match=msg), model.disable_adapter():
+        pass
+    assert all(not m.disable_adapters for m in layers)
+    assert task_requires_grad(model) == [True] + [False] * (num_tasks - 1)
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_delete_adapter_cleans_up_and_switches(kind, num_tasks):
+    """custom: test_delete_adapter_properly_cleans_up_after_itself, test_delete_adapter_with_multiple_adapters_works."""
+
+    def dict_like_holding(obj, name):
+        for attr_name in dir(obj):
+            if attr_name.startswith("_"):
+                continue
+            try:
+                attr = getattr(obj, attr_name)
+            except AttributeError:
+                continue
+            if callable(getattr(attr, "keys", None)) and hasattr(attr, "__contains__") and name in attr:
+                yield attr_name, attr
+
+    model = get_peft_model(base_model(kind), config(num_tasks), adapter_name="foobar")
+    holders = list(dict_like_holding(model, "foobar"))
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            holders.extend(dict_like_holding(module, "foobar"))
+    assert holders
+    model.add_adapter("adapter1", config(num_tasks))
+    model.add_adapter("adapter2", config(num_tasks))
+    X = inputs(kind)
+    model.delete_adapter("foobar")
+    assert not [name for name, attr in holders if "foobar" in attr]
+    assert model.active_adapters == ["adapter1"]
+    model(**X)
+    model.delete_adapter("adapter2")
+    assert model.active_adapters == ["adapter1"]
+    model(**X)
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
 def test_active_adapter(kind, num_tasks):
     """custom: test_active_adapter (one active adapter; activating two raises for LPI)."""
     model = wrap(kind, num_tasks)

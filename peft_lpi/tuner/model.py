@@ -158,6 +158,7 @@ class LPIModel(BaseTuner):
             bank.requires_grad_(False)
             if layers_enabled and self._grad_enabled.get(name, False):
                 bank.tasks[self.peft_config[name].trainable_task].requires_grad_(True)
+        self._training_factors_view()
         self._prompt_cache.clear()
 
     def _prompted_layers(self) -> list[LPIPromptedLayer]:
@@ -169,10 +170,21 @@ class LPIModel(BaseTuner):
             layer._active_adapter = list(self.active_adapters)
 
     def _training_factors_view(self) -> nn.ModuleDict:
-        """{adapter name: the factors of the task that adapter trains}: what PEFT's status helpers report per layer."""
-        return nn.ModuleDict(
-            {name: bank.tasks[self.peft_config[name].trainable_task] for name, bank in self.lpi_prompts.items()}
-        )
+        """{adapter name: the factors of the task that adapter trains}: what PEFT's status helpers report per layer.
+
+        One ModuleDict, updated in place (so a reference held across `delete_adapter` sees the change), kept out of
+        the module tree (not a submodule: nothing is saved, counted or moved twice).
+        """
+        view = self.__dict__.get("_training_view")
+        if view is None:
+            view = nn.ModuleDict()
+            object.__setattr__(self, "_training_view", view)
+        wanted = {name: bank.tasks[self.peft_config[name].trainable_task] for name, bank in self.lpi_prompts.items()}
+        for name in [n for n in view if n not in wanted]:
+            del view[name]
+        for name, factors in wanted.items():
+            view[name] = factors
+        return view
 
     @property
     def trainable_task(self) -> int:
