@@ -241,6 +241,7 @@ def test_add_adapter_no_autocast_adapter_dtype(kind, num_tasks, dtype, tmp_path)
     assert adapter_dtypes(model, "loaded") == {dtype}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, num_tasks", CASES)
 def test_adapter_dtype_autocast(kind, num_tasks, tmp_path):
     """custom: test_adapter_dtype_autocast (get_peft_model, add_adapter, from_pretrained, load_adapter; with and
