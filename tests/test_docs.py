@@ -492,6 +492,8 @@ API_MODULES = (
     "peft_lpi.continual.similarity",
     "peft_lpi.continual.trainer",
     "peft_lpi.continual.methods",
+    "peft_lpi.continual.evaluator",
+    "peft_lpi.continual.checkpointing",
     "peft_lpi.continual.baselines",
     "peft_lpi.evaluation",
     "peft_lpi.evaluation.retrieval",
