@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     base, tokenizer, image_processor = load_backbone(model_args, accelerator)
     data = load_data(data_args)
     num_tasks = data["train"].features["task"].num_classes
-    lpi_kwargs = dict(dataclasses.asdict(lpi_args), base_model_name_or_path=model_args.model)
+    lpi_kwargs = dataclasses.asdict(lpi_args)  # base_model_name_or_path: PEFT takes the loaded model's own path
     torch.manual_seed(train_args.seed)
     model, method = build_method(
         model_args.method, base, num_tasks, lpi_kwargs, lora_rank=model_args.lora_rank,
