@@ -39,6 +39,7 @@ import re
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 import types
 import warnings
@@ -322,12 +323,29 @@ def check_command(argv: list[str]) -> str:
         from torch.distributed.run import main as torchrun_main
 
         parsed = parse_command_line(torchrun_main, argv)
+    elif program == "make":
+        return "make + " + "; ".join(_check_make(args))
     else:
         raise AssertionError(f"no check for the program {program!r}: use a ```text fence, or teach tests/test_docs.py")
     script = getattr(parsed.namespace, "training_script", None)
     if script is not None:  # a launcher: check the launched script's own arguments too
         return f"{program} + " + check_command(["python", script, *parsed.namespace.training_script_args])
     return f"{program}: arguments parse"
+
+
+def _check_make(args: list[str]) -> list[str]:
+    """`make TARGET [VAR=value]`: the target's recipe (`make -n`, the install step assumed done) is checked line by
+    line, each program of the virtual environment as the program itself."""
+    stamp = re.search(r"^STAMP := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1).replace("$(VENV)", ".venv")
+    result = subprocess.run(["make", "-n", "-o", stamp, *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"make -n {shlex.join(args)}: {result.stderr.strip()}"
+    checked = []
+    for line in result.stdout.splitlines():
+        argv = shlex.split(line)
+        argv[0] = Path(argv[0]).name  # .venv/bin/accelerate -> accelerate
+        checked.append(check_command(argv))
+    assert checked, f"make {shlex.join(args)} runs nothing"
+    return checked
 
 
 def split_commands(code: str) -> list[list[str]]:
