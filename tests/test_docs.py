@@ -63,7 +63,12 @@ _text = _tok(["a red circle", "a blue square on the left", "a noisy green ring",
              padding=True, return_tensors="pt")
 input_ids, attention_mask = _text["input_ids"], _text["attention_mask"]
 pixels = pixel_values = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-del _tok, _text
+# A task's training data for its k-means keys: at least num_keys (5) samples, or k-means has fewer points than keys.
+_task = _tok([f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "ring", "digit")],
+             padding=True, return_tensors="pt")
+task_input_ids, task_attention_mask = _task["input_ids"], _task["attention_mask"]
+task_pixels = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+del _tok, _text, _task
 """
 
 
