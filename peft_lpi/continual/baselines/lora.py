@@ -121,7 +121,7 @@ class LoRAMethod(ContinualMethod):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from ..io import CheckpointError
+        from ...io import CheckpointError
 
         try:
             for name in self.adapters:

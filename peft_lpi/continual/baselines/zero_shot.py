@@ -46,7 +46,7 @@ class ZeroShotMethod(ContinualMethod):
         (Path(path) / ZERO_SHOT_MARKER).write_text('{"method": "zero-shot"}\n')
 
     def load_adapter(self, path: Any) -> None:
-        from ..io import CheckpointError
+        from ...io import CheckpointError
 
         if not (Path(path) / ZERO_SHOT_MARKER).is_file():
             raise CheckpointError(f"Checkpoint {path} was not written by the zero-shot method.")
