@@ -77,7 +77,7 @@ class ModelArguments:
         default="lpi",
         metadata={
             "help": "Continual method: lpi, zero-shot, shared-prompt, s-prompts, lora (per-task LoRA, rank 4) or joint "
-            "(LPI on all tasks at once, the upper bound). See peft_lpi/continual/baselines.py and docs/results.md."
+            "(LPI on all tasks at once, the upper bound). See peft_lpi/continual/baselines/ and docs/results.md."
         },
     )
     lora_rank: int = field(default=4, metadata={"help": "--method lora: LoRA rank of every adapter."})
@@ -114,7 +114,8 @@ def _lpi_arguments() -> type:
     for f in dataclasses.fields(LPIConfig):
         if f.name in NOT_FLAGS or not f.init:
             continue
-        default = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        has_default = f.default is not dataclasses.MISSING
+        default = {"default": f.default} if has_default else {"default_factory": f.default_factory}
         fields.append((f.name, types[f.name], field(metadata=dict(f.metadata), **default)))
     return dataclasses.make_dataclass("LPIArguments", fields)
 

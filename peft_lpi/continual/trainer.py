@@ -163,7 +163,9 @@ class ContinualTrainer:
         self.collator = data_collator or RetrievalCollator(
             image_processor, tokenizer, train=True, seed=args.seed, max_length=limit
         )
-        self.eval_collator = RetrievalCollator(image_processor, tokenizer, train=False, seed=args.seed, max_length=limit)
+        self.eval_collator = RetrievalCollator(
+            image_processor, tokenizer, train=False, seed=args.seed, max_length=limit
+        )
         self.evaluator = evaluator or RetrievalEvaluator(
             self.accelerator, self.method, self.eval_set, self.eval_indices, self.eval_collator,
             modes=args.eval_routing, recall_ks=args.recall_ks, batch_size=args.per_device_eval_batch_size,

@@ -1,7 +1,9 @@
-"""Baselines and the joint upper bound (one file each), run by the same `ContinualTrainer` under the identical protocol as LPI.
+"""Baselines and the joint upper bound (one file each), run by the same `ContinualTrainer` under the identical
+protocol as LPI.
 
-Every method here is a `peft_lpi.continual.methods.ContinualMethod`; `build_method(name, ...)` (the registry) creates the model and the method
-from a frozen base model and is what `examples/continual_retrieval.py --method NAME` calls:
+Every method here is a `peft_lpi.continual.methods.ContinualMethod`; `build_method(name, ...)` (the registry)
+creates the model and the method from a frozen base model and is what `examples/continual_retrieval.py --method
+NAME` calls:
 
 | name            | model                                           | trains per task             | routing         |
 |-----------------|-------------------------------------------------|-----------------------------|-----------------|
