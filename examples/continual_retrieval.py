@@ -8,8 +8,11 @@ CLIP backbone that the project pretrains once and caches (nothing is downloaded)
 Real use, the authors' protocol on COCO (12 supercategory tasks) with a real CLIP:
 
     accelerate launch examples/continual_retrieval.py --model openai/clip-vit-base-patch16 --dataset coco \
-        --coco_root /data/coco --epochs 10 --batch_size 64 --optimizer sgd --learning_rate 0.05 \
-        --prompt_length 16 --prompt_depth 9 --rank 4 --output_dir outputs/coco-lpi
+        --coco_root /data/coco --num_train_epochs 10 --per_device_train_batch_size 64 --optim sgd \
+        --learning_rate 0.05 --prompt_length 16 --prompt_depth 9 --rank 4 --output_dir outputs/coco-lpi
+
+Every `LPIConfig` field is a flag with LPIConfig's own default (`--num_keys`, `--interaction false`, ...), except
+`--prompt_length` / `--prompt_depth` on the offline world's small backbone: see `OFFLINE_LPI_PRESET`.
 
 Any `datasets` dataset with image, caption(s) and task columns works with `--dataset NAME_OR_PATH`.
 Several processes on CPU: `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/continual_retrieval.py`.
@@ -22,6 +25,8 @@ import sys
 
 # Busy CPUs: spinning OpenMP threads slow every step 4-10x when another process shares the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +35,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
+from peft_lpi import LPIConfig
 from peft_lpi.continual.baselines import LORA_TARGET_MODULES, build_method
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -38,10 +44,10 @@ OFFLINE = "offline-world"
 # Defaults of the offline benchmark (the training defaults of ContinualTrainingArguments are the COCO protocol).
 OFFLINE_TRAINING_DEFAULTS = dict(
     output_dir="outputs/offline-lpi",
-    epochs=4,  # ~92 optimiser steps per task (docs/offline_world.md)
-    batch_size=64,
-    eval_batch_size=512,
-    optimizer="adamw",
+    num_train_epochs=4,  # ~92 optimiser steps per task (docs/offline_world.md)
+    per_device_train_batch_size=64,
+    per_device_eval_batch_size=512,
+    optim="adamw",
     learning_rate=None,  # None: the method's rate below
     weight_decay=0.0,
     warmup_steps=5,
@@ -71,7 +77,7 @@ class ModelArguments:
         default="lpi",
         metadata={
             "help": "Continual method: lpi, zero-shot, shared-prompt, s-prompts, lora (per-task LoRA, rank 4) or joint "
-            "(LPI on all tasks at once, the upper bound). See peft_lpi/continual/baselines.py and docs/results.md."
+            "(LPI on all tasks at once, the upper bound). See peft_lpi/continual/baselines/ and docs/results.md."
         },
     )
     lora_rank: int = field(default=4, metadata={"help": "--method lora: LoRA rank of every adapter."})
@@ -79,15 +85,6 @@ class ModelArguments:
         default=LORA_TARGET_MODULES,
         metadata={"help": "--method lora: PEFT target_modules regex (default: q/k/v/out_proj of both towers)."},
     )
-    prompt_length: int = field(default=8, metadata={"help": "LPIConfig.prompt_length (P)."})
-    prompt_depth: int = field(default=4, metadata={"help": "LPIConfig.prompt_depth (K)."})
-    rank: int = field(default=4, metadata={"help": "LPIConfig.rank (r)."})
-    init_std: float = field(default=0.5, metadata={"help": "LPIConfig.init_std."})
-    no_interaction: bool = field(default=False, metadata={"help": "Disable the correlation module."})
-    no_shared_layer_factor: bool = field(default=False, metadata={"help": "Each modality its own layer factor."})
-    align_weight: float = field(default=0.1, metadata={"help": "Weight of the alignment loss (0 disables it)."})
-    task_weight: float = field(default=0.1, metadata={"help": "Weight of the task loss (0 disables it)."})
-    routing_metric: str = field(default="l1", metadata={"help": "Routing distance: l1, l2 or cosine."})
     push_to_hub: str | None = field(
         default=None,
         metadata={"help": "After training, upload the adapter with a model card of the run to this Hub repo "
@@ -99,6 +96,31 @@ class ModelArguments:
         metadata={"help": "On CPU, torch threads per process (default: cores // processes; several runs sharing a "
                   "machine want fewer)."},
     )
+
+
+# Fields of LPIConfig that are not command-line flags: set by PEFT or the library, taken from the data (num_tasks,
+# task_names) or from --model (base_model_name_or_path), or not expressible as a flag (layer_paths, a dict).
+NOT_FLAGS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+             "inference_mode", "num_tasks", "task_names", "layer_paths", "format_version"}
+# The offline world's backbone is small (4 layers per tower, 32 px images): LPIConfig's COCO defaults (P=16, K=9)
+# do not fit it, so --model offline-world uses P=8, K=4 (docs/offline_world.md) unless the flag is given.
+OFFLINE_LPI_PRESET = {"prompt_length": 8, "prompt_depth": 4}
+
+
+def _lpi_arguments() -> type:
+    """A dataclass of LPIConfig's flag-able fields with LPIConfig's own types, defaults and help (one source)."""
+    types = typing.get_type_hints(LPIConfig)  # resolved: LPIConfig's module postpones its annotations
+    fields = []
+    for f in dataclasses.fields(LPIConfig):
+        if f.name in NOT_FLAGS or not f.init:
+            continue
+        has_default = f.default is not dataclasses.MISSING
+        default = {"default": f.default} if has_default else {"default_factory": f.default_factory}
+        fields.append((f.name, types[f.name], field(metadata=dict(f.metadata), **default)))
+    return dataclasses.make_dataclass("LPIArguments", fields)
+
+
+LPIArguments = _lpi_arguments()
 
 
 @dataclass
@@ -161,15 +183,22 @@ def load_data(args: DataArguments):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, ContinualTrainingArguments))
-    parser.set_defaults(**OFFLINE_TRAINING_DEFAULTS)
+    parser = HfArgumentParser((ModelArguments, LPIArguments, DataArguments, ContinualTrainingArguments))
+    parser.set_defaults(**OFFLINE_TRAINING_DEFAULTS, **dict.fromkeys(OFFLINE_LPI_PRESET))  # None: not given
+    for name, value in OFFLINE_LPI_PRESET.items():
+        default = next(f.default for f in dataclasses.fields(LPIConfig) if f.name == name)
+        parser._option_string_actions[f"--{name}"].help += f" Default: {value} with --model {OFFLINE}, else {default}."
     parser._option_string_actions["--learning_rate"].help = (
         "Peak learning rate. Default: the method's AdamW rate on the offline benchmark ("
         + ", ".join(f"{name} {rate:g}" for name, rate in OFFLINE_LEARNING_RATES.items() if rate)
         + "; docs/results.md)."
     )
     parser._option_string_actions["--preprocess_images"].help += " Default: on for the offline world, off otherwise."
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, lpi_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    for name, value in OFFLINE_LPI_PRESET.items():
+        if getattr(lpi_args, name) is None:
+            default = next(f.default for f in dataclasses.fields(LPIConfig) if f.name == name)
+            setattr(lpi_args, name, value if model_args.model == OFFLINE else default)
     if train_args.learning_rate is None:
         if model_args.method not in OFFLINE_LEARNING_RATES:
             sys.exit(f"Unknown --method {model_args.method!r}; choose one of {', '.join(OFFLINE_LEARNING_RATES)}.")
@@ -181,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator(
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with=train_args.log_with,
+        log_with=train_args.report_to,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],
     )
     if accelerator.device.type == "cpu":  # share the cores between processes (accelerate sets OMP_NUM_THREADS=1)
@@ -189,18 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     base, tokenizer, image_processor = load_backbone(model_args, accelerator)
     data = load_data(data_args)
     num_tasks = data["train"].features["task"].num_classes
-    lpi_kwargs = dict(
-        prompt_length=model_args.prompt_length,
-        prompt_depth=model_args.prompt_depth,
-        rank=model_args.rank,
-        init_std=model_args.init_std,
-        interaction=not model_args.no_interaction,
-        share_layer_factor=not model_args.no_shared_layer_factor,
-        align_weight=model_args.align_weight,
-        task_weight=model_args.task_weight,
-        routing_metric=model_args.routing_metric,
-        base_model_name_or_path=model_args.model,
-    )
+    lpi_kwargs = dataclasses.asdict(lpi_args)  # base_model_name_or_path: PEFT takes the loaded model's own path
     torch.manual_seed(train_args.seed)
     model, method = build_method(
         model_args.method, base, num_tasks, lpi_kwargs, lora_rank=model_args.lora_rank,

@@ -36,7 +36,7 @@ from peft_lpi.io import atomic_path
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "examples" / "continual_retrieval.py"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-QUICK_ARGS = ["--train_per_task", "500", "--val_per_task", "100", "--epochs", "4"]
+QUICK_ARGS = ["--train_per_task", "500", "--val_per_task", "100", "--num_train_epochs", "4"]
 KEYED = {"lpi", "s-prompts", "lora", "joint"}
 
 
@@ -66,8 +66,8 @@ LABELS = {
     "joint": "joint multi-task LPI (upper bound)",
 }
 ABLATIONS = [  # (name, label, flags): run with LPI's learning rate
-    ("no-shared-A", "LPI without the shared layer factor", ["--no_shared_layer_factor", "true"]),
-    ("no-interaction", "LPI without the correlation module", ["--no_interaction", "true"]),
+    ("no-shared-A", "LPI without the shared layer factor", ["--share_layer_factor", "false"]),
+    ("no-interaction", "LPI without the correlation module", ["--interaction", "false"]),
     ("no-align", "LPI without the alignment loss", ["--align_weight", "0"]),
     ("no-task", "LPI without the task loss", ["--task_weight", "0"]),
     *[(f"rank{r}", f"LPI rank {r}", ["--rank", str(r)]) for r in (1, 2, 8, 16)],
@@ -129,7 +129,7 @@ def ablation_rows(best: dict[str, float]) -> list[Row]:
 def command(row: Row, seed: int, out: Path, quick: bool, extra: list[str]) -> list[str]:
     return [
         sys.executable, str(CLI), "--method", row.method, "--seed", str(seed), "--output_dir", str(out),
-        "--progress", "false", *(QUICK_ARGS if quick else []), *row.args, *extra,
+        "--disable_tqdm", "true", *(QUICK_ARGS if quick else []), *row.args, *extra,
     ]
 
 

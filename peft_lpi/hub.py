@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from typing import Any
 import huggingface_hub
 
 from ._version import __version__
-from .report import markdown_table
+from .report import jsonable, markdown_table
 
 LPI_CARD_TAGS = ["peft", "lpi", "continual-learning", "vision-language", "retrieval", "clip"]
 TASKS_FOLDER = "tasks"
@@ -79,16 +78,6 @@ def _lpi_tuner(model: Any) -> Any:
     raise TypeError(
         f"Expected a PeftModel with an LPI adapter (get_peft_model(base, LPIConfig(...))), got {type(model).__name__}."
     )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    return value
 
 
 def _fmt_value(value: Any) -> str:
@@ -253,8 +242,6 @@ def save_adapter_for_hub(
     facts = _model_facts(peft_model)
     tuner = facts["tuner"]
     adapter = tuner.active_adapters[0]
-    if results is None:
-        results = getattr(peft_model, "lpi_run_results", None)
     peft_model.save_pretrained(str(folder), selected_adapters=[adapter])
     if adapter != "default":  # PEFT saves non-default adapters to <folder>/<name>/: the repo root must hold it
         nested = folder / adapter
@@ -267,7 +254,7 @@ def save_adapter_for_hub(
             files[task] = task_filename(task)
             tuner.save_task(task, folder / files[task])
     if results is not None:
-        (folder / RESULTS_FILE).write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False))
+        (folder / RESULTS_FILE).write_text(json.dumps(jsonable(results), indent=2, allow_nan=False))
     card = model_card(
         results, facts["config"], facts["base_model"], task_names, trainable_parameters=facts["per_task"],
         total_parameters=facts["total"], repo_id=repo_id, task_files=files, extra_tags=extra_tags,
@@ -295,7 +282,7 @@ def push_adapter_to_hub(
 
     Saves with `save_pretrained` into a temporary folder, writes README.md (the LPI card: base model, task names in
     order, LPI config, trainable parameters, the results table, how to load), `results.json` when results are given
-    (default: those of the last `ContinualTrainer.train()` on this model) and one standalone file per task, then
+    (e.g. what `ContinualTrainer.train()` returned) and one standalone file per task, then
     `HfApi.create_repo(exist_ok=True)` + `HfApi.upload_folder`. Returns the `CommitInfo` of the upload.
     """
     _lpi_tuner(peft_model)  # refuse non-LPI models before touching the network

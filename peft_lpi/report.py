@@ -1,13 +1,84 @@
-"""Outputs of a continual run: results JSON, a markdown table, and matplotlib plots, all in one folder."""
+"""Outputs of a continual run: the results dict, results JSON, a markdown table, matplotlib plots, printed lines.
+
+Pure functions of the per-stage evaluations (`ContinualTrainer.state.stages`): the trainer and the evaluator hand
+their numbers here instead of formatting them themselves.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .evaluation import stage_metrics
 from .io import atomic_path
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with tensors as lists, tuples as lists, NaN/inf as None, paths as str and non-str/int keys as str:
+    what `json.dumps(..., allow_nan=False)` accepts."""
+    if isinstance(value, dict):
+        return {(k if isinstance(k, str | int) else str(k)): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value
+
+
+def accuracy_matrix(
+    stages: Sequence[dict[str, Any]], mode: str, key: str, num_tasks: int, variant: str = "strict"
+) -> list[list[float]]:
+    """R[stage][task] of one metric key (e.g. 'i2t_R@1') from the per-stage evaluations, NaN for unseen tasks."""
+    matrix = []
+    for entry in stages:
+        per_task = entry[mode][variant]["per_task"]
+        matrix.append([per_task[t][key] if t in per_task else float("nan") for t in range(num_tasks)])
+    return matrix
+
+
+def retrieval_summary(
+    stages: Sequence[dict[str, Any]], modes: Sequence[str], num_tasks: int, recall_ks: Sequence[int],
+    schedule: list[list[int]],
+) -> dict[str, Any]:
+    """The "modes" part of the results: per routing mode and recall variant, the accuracy matrices of every metric
+    and their continual summary (final average, stage-averaged, forgetting, backward transfer); under "auto" the
+    routing accuracy after each stage."""
+    keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in recall_ks] + ["rmean"]
+    modes_results: dict[str, Any] = {}
+    for mode in modes:
+        mode_results: dict[str, Any] = {}
+        for variant in ("strict", "caption_equal"):
+            matrices = {key: accuracy_matrix(stages, mode, key, num_tasks, variant) for key in keys}
+            summary = {key: stage_metrics(m, schedule) for key, m in matrices.items()} if matrices else {}
+            mode_results[variant] = {"matrices": matrices, "summary": summary}
+        if mode == "auto":
+            mode_results["routing_accuracy"] = [
+                {"image": e[mode]["routing"]["image"]["accuracy"], "text": e[mode]["routing"]["text"]["accuracy"]}
+                for e in stages
+            ]
+        modes_results[mode] = mode_results
+    return {"modes": modes_results}
+
+
+def stage_line(entry: dict[str, Any], modes: Sequence[str], title: str) -> str:
+    """One printed line of a stage's evaluation: macro R@1 per mode and the image routing accuracy."""
+    parts = []
+    for mode in modes:
+        macro = entry[mode]["strict"]["macro"]
+        parts.append(f"{mode}: i2t R@1 {macro['i2t_R@1']:.1f} t2i R@1 {macro['t2i_R@1']:.1f}")
+        if "routing" in entry[mode]:
+            parts.append(f"routing img {100 * entry[mode]['routing']['image']['accuracy']:.1f}%")
+    return f"[after task {title}] " + " | ".join(parts)
 
 
 def _fmt(value: Any) -> str:
@@ -20,7 +91,7 @@ def markdown_table(results: dict[str, Any], variant: str = "strict") -> str:
     """Per-task final recall, continual summary and routing accuracy as markdown."""
     names = results["task_names"]
     lines: list[str] = []
-    for mode, mode_results in results["modes"].items():
+    for mode, mode_results in results.get("modes", {}).items():
         block = mode_results[variant]
         matrices = block["matrices"]
         if not matrices or not matrices.get("i2t_R@1"):
@@ -68,7 +139,7 @@ def plot_results(results: dict[str, Any], output_dir: Path, variant: str = "stri
 
     written = []
     names = results["task_names"]
-    for mode, mode_results in results["modes"].items():
+    for mode, mode_results in results.get("modes", {}).items():
         matrices = mode_results[variant]["matrices"]
         if not matrices.get("i2t_R@1"):
             continue

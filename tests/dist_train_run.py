@@ -44,8 +44,8 @@ def main() -> None:
         CLIPModel(config).eval(), LPIConfig(num_tasks=2, prompt_length=2, prompt_depth=2, rank=2, num_keys=3)
     )
     args = ContinualTrainingArguments(
-        output_dir=str(out), epochs=2, batch_size=batch_size, eval_batch_size=16, optimizer="adamw",
-        learning_rate=1e-2, weight_decay=0.0, progress=False, recall_ks=[1, 5],
+        output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=batch_size, per_device_eval_batch_size=16, optim="adamw",
+        learning_rate=1e-2, weight_decay=0.0, disable_tqdm=True, recall_ks=[1, 5],
     )
     results = ContinualTrainer(model, tokenizer, processor, data, args, accelerator=accelerator).train()
     if accelerator.is_main_process:

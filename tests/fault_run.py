@@ -56,8 +56,8 @@ def build_args(output_dir, **overrides):
     from peft_lpi.continual.trainer import ContinualTrainingArguments
 
     values = dict(
-        output_dir=str(output_dir), epochs=1, batch_size=4, eval_batch_size=64, optimizer="adamw", learning_rate=1e-2,
-        weight_decay=0.0, progress=False, recall_ks=[1, 5], checkpoint_every=1, seed=SEED,
+        output_dir=str(output_dir), num_train_epochs=1, per_device_train_batch_size=4, per_device_eval_batch_size=64, optim="adamw", learning_rate=1e-2,
+        weight_decay=0.0, disable_tqdm=True, recall_ks=[1, 5], save_steps=1, seed=SEED,
     )
     values.update(overrides)
     return ContinualTrainingArguments(**values)
@@ -98,7 +98,7 @@ def main(output_dir: str, marker: str, pause_at: int) -> None:
     torch.set_num_threads(1)
     no_plots()
     trainer = make_trainer(build_world(), output_dir)
-    save_checkpoint, training_step = trainer._save_checkpoint, trainer._training_step
+    save_checkpoint, training_step = trainer.checkpointer.save, trainer._training_step
     paused = {"armed": False}
 
     def save_then_mark(*args, **kwargs):
@@ -114,7 +114,7 @@ def main(output_dir: str, marker: str, pause_at: int) -> None:
                 time.sleep(1)
         return training_step(*args, **kwargs)
 
-    trainer._save_checkpoint, trainer._training_step = save_then_mark, step_or_block
+    trainer.checkpointer.save, trainer._training_step = save_then_mark, step_or_block
     trainer.train()
     sys.exit(f"fault_run: the run finished without reaching task 1 step {pause_at}")  # the test fails on this
 

@@ -14,14 +14,13 @@ from peft_lpi.continual.baselines import (
     METHOD_NAMES,
     LoRAMethod,
     build_method,
-    grouped_continual_metrics,
     lora_adapter_name,
     matched_full_rank_std,
 )
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments
 from peft_lpi.data.backbone import build_world_tokenizer, tiny_clip_config, world_image_processor
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
-from peft_lpi.evaluation import continual_metrics
+from peft_lpi.evaluation import continual_metrics, grouped_continual_metrics
 from peft_lpi.tuner.model import embedding_of
 
 LPI_KWARGS = dict(prompt_length=2, prompt_depth=2, rank=2, num_keys=3)
@@ -63,8 +62,8 @@ def run(name: str, world, tmp_path, **lpi_overrides):
     model, method = build_method(name, tiny_base(tokenizer), 2, {**LPI_KWARGS, **lpi_overrides})
     initial = snapshot(model)
     args = ContinualTrainingArguments(
-        output_dir=str(tmp_path / name), epochs=1, max_steps_per_task=1, batch_size=16, eval_batch_size=64,
-        optimizer="adamw", learning_rate=5e-2, weight_decay=0.0, progress=False, recall_ks=[1, 5],
+        output_dir=str(tmp_path / name), num_train_epochs=1, max_steps=1, per_device_train_batch_size=16, per_device_eval_batch_size=64,
+        optim="adamw", learning_rate=5e-2, weight_decay=0.0, disable_tqdm=True, recall_ks=[1, 5],
     )
     trainer = ContinualTrainer(model, tokenizer, processor, data, args, method=method)
     snapshots = []

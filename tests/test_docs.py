@@ -39,6 +39,7 @@ import re
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 import types
 import warnings
@@ -62,7 +63,12 @@ _text = _tok(["a red circle", "a blue square on the left", "a noisy green ring",
              padding=True, return_tensors="pt")
 input_ids, attention_mask = _text["input_ids"], _text["attention_mask"]
 pixels = pixel_values = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-del _tok, _text
+# A task's training data for its k-means keys: at least num_keys (5) samples, or k-means has fewer points than keys.
+_task = _tok([f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "ring", "digit")],
+             padding=True, return_tensors="pt")
+task_input_ids, task_attention_mask = _task["input_ids"], _task["attention_mask"]
+task_pixels = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+del _tok, _text, _task
 """
 
 
@@ -322,12 +328,29 @@ def check_command(argv: list[str]) -> str:
         from torch.distributed.run import main as torchrun_main
 
         parsed = parse_command_line(torchrun_main, argv)
+    elif program == "make":
+        return "make + " + "; ".join(_check_make(args))
     else:
         raise AssertionError(f"no check for the program {program!r}: use a ```text fence, or teach tests/test_docs.py")
     script = getattr(parsed.namespace, "training_script", None)
     if script is not None:  # a launcher: check the launched script's own arguments too
         return f"{program} + " + check_command(["python", script, *parsed.namespace.training_script_args])
     return f"{program}: arguments parse"
+
+
+def _check_make(args: list[str]) -> list[str]:
+    """`make TARGET [VAR=value]`: the target's recipe (`make -n`, the install step assumed done) is checked line by
+    line, each program of the virtual environment as the program itself."""
+    stamp = re.search(r"^STAMP := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1).replace("$(VENV)", ".venv")
+    result = subprocess.run(["make", "-n", "-o", stamp, *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"make -n {shlex.join(args)}: {result.stderr.strip()}"
+    checked = []
+    for line in result.stdout.splitlines():
+        argv = shlex.split(line)
+        argv[0] = Path(argv[0]).name  # .venv/bin/accelerate -> accelerate
+        checked.append(check_command(argv))
+    assert checked, f"make {shlex.join(args)} runs nothing"
+    return checked
 
 
 def split_commands(code: str) -> list[list[str]]:
@@ -492,6 +515,8 @@ API_MODULES = (
     "peft_lpi.continual.similarity",
     "peft_lpi.continual.trainer",
     "peft_lpi.continual.methods",
+    "peft_lpi.continual.evaluator",
+    "peft_lpi.continual.checkpointing",
     "peft_lpi.continual.baselines",
     "peft_lpi.evaluation",
     "peft_lpi.evaluation.retrieval",

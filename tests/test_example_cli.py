@@ -60,8 +60,8 @@ def run(example, argv: list[str]) -> dict:
 
 def common(backbone: Path, out: Path) -> list[str]:
     return [
-        "--model", str(backbone), "--epochs", "1", "--batch_size", "4", "--max_steps_per_task", "1",
-        "--prompt_depth", "1", "--prompt_length", "2", "--rank", "2", "--output_dir", str(out), "--progress", "false",
+        "--model", str(backbone), "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--max_steps", "1",
+        "--prompt_depth", "1", "--prompt_length", "2", "--rank", "2", "--output_dir", str(out), "--disable_tqdm", "true",
         "--recall_ks", "1",
     ]
 

@@ -123,7 +123,7 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted_run(runs, world):
     assert (state["task"], state["optimizer_steps"], len(state["stages"])) == (1, PAUSE_AT, 1)  # mid task 1
     assert not (killed / "results.json").exists()
 
-    resumed = make_trainer(world, killed, resume=True)
+    resumed = make_trainer(world, killed, resume_from_checkpoint=True)
     results = resumed.train()
     expected_results, expected_factors = runs["a"]
     assert_same_factors(factors(resumed.model), expected_factors, atol=1e-6)
@@ -135,7 +135,7 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted_run(runs, world):
 # ================================================================================ failing writes, full disk
 def _checkpoint_with_a_good_save(world, tmp_path):
     trainer = make_trainer(world, tmp_path / "run")
-    trainer._save_checkpoint()
+    trainer.checkpointer.save(trainer.state, trainer.task_similarity)
     checkpoint = tmp_path / "run" / "checkpoint"
     saved = factors(trainer.model)
     with torch.no_grad():  # the next save would write different factors
@@ -165,7 +165,7 @@ def test_checkpoint_write_failing_mid_file_keeps_previous_checkpoint(world, tmp_
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", failing_save_file)
     with pytest.raises(OSError) as info:
-        trainer._save_checkpoint()
+        trainer.checkpointer.save(trainer.state, trainer.task_similarity)
     assert info.value.errno == code
     if error == "disk_full":
         message = str(info.value)
@@ -203,9 +203,9 @@ def test_kill_between_the_renames_of_a_checkpoint_swap_is_recovered(world, tmp_p
 
     monkeypatch.setattr(os, "replace", killed_on_commit)
     with pytest.raises(KeyboardInterrupt):
-        trainer._save_checkpoint()
+        trainer.checkpointer.save(trainer.state, trainer.task_similarity)
     monkeypatch.undo()
     assert not checkpoint.exists()  # old moved aside, new not yet in place
-    assert recover_directory(checkpoint) == checkpoint  # what ContinualTrainer.train(resume=True) does first
+    assert recover_directory(checkpoint) == checkpoint  # what ContinualTrainer.train(resume_from_checkpoint=True) does first
     _assert_previous_checkpoint_intact(world, checkpoint, digest, saved)
     assert recover_directory(checkpoint) is None  # idempotent

@@ -203,8 +203,8 @@ def test_push_adapter_uploads_adapter_card_results_and_task_files(stub):
 
 def test_peft_model_push_to_hub_delegates_to_the_lpi_card(stub, monkeypatch):
     model = make_model()
-    model.lpi_run_results = fake_results()  # what ContinualTrainer.train() attaches
-    model.push_to_hub(REPO, private=False, commit_message="via PeftModel", tags=["my-tag"], max_shard_size="1GB")
+    model.push_to_hub(REPO, results=fake_results(), private=False, commit_message="via PeftModel", tags=["my-tag"],
+                      max_shard_size="1GB")
     assert stub.names() == ["create_repo", "upload_folder"]
     assert set(stub.files) == EXPECTED_FILES
     card = stub.card()
@@ -330,8 +330,8 @@ def test_example_push_to_hub_flag_uploads_after_training(stub, tmp_path, monkeyp
             patch.setattr(torch, "set_num_threads", lambda n: None)  # the example sizes threads for real runs
             results = example.main([
                 "--model", str(backbone), "--train_per_task", "8", "--val_per_task", "2", "--max_tasks", "2",
-                "--epochs", "1", "--batch_size", "4", "--max_steps_per_task", "1", "--prompt_depth", "1",
-                "--prompt_length", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--progress", "false",
+                "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--max_steps", "1", "--prompt_depth", "1",
+                "--prompt_length", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true",
                 "--recall_ks", "1", "--push_to_hub", "user/example-run", "--hub_private", "true",
             ])
     finally:

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from peft_lpi.data import RetrievalCollator, caption_id, continual_features, flatten_captions
@@ -27,7 +27,7 @@ def image_processor():
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence the "torchvision not installed" fallback notice
     try:
-        return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     finally:
         hf_logging.set_verbosity(verbosity)
 

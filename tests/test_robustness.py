@@ -158,7 +158,7 @@ def test_auto_routing_without_keys_is_refused(saved_clip_adapter):
 # ============================================================================ corrupt checkpoints, newer formats
 def _trainer_checkpoint(world, tmp_path) -> tuple[ContinualTrainer, Path]:
     trainer = make_trainer(world, tmp_path / "run")
-    trainer._save_checkpoint()
+    trainer.checkpointer.save(trainer.state, trainer.task_similarity)
     return trainer, tmp_path / "run" / "checkpoint"
 
 
@@ -180,7 +180,7 @@ def test_resume_from_a_damaged_checkpoint_is_refused_and_leaves_it_as_is(world, 
     else:
         (checkpoint / "trainer_state.json").unlink()
     before = digest(checkpoint)
-    trainer = make_trainer(world, tmp_path / "run", resume=True)
+    trainer = make_trainer(world, tmp_path / "run", resume_from_checkpoint=True)
     initial = factors(trainer.model)
     with pytest.raises(CheckpointError, match=match):
         trainer.train()
@@ -225,7 +225,7 @@ def test_empty_validation_task_is_refused_before_anything_is_written(world, tmp_
     data = copy.copy(data)
     data["validation"] = data["validation"].filter(lambda row: row["task"] == 0)
     with pytest.raises(ValueError, match=r"Task 1 \('blurry digits'\) has no validation samples"):
-        ContinualTrainer(trainer.model, tokenizer, processor, data, build_args(tmp_path / "run", resume=True))
+        ContinualTrainer(trainer.model, tokenizer, processor, data, build_args(tmp_path / "run", resume_from_checkpoint=True))
     assert digest(tmp_path / "run") == before
 
 
@@ -275,13 +275,13 @@ def test_inf_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(world
     trainer = make_trainer(world, tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint"
     good: dict = {}
-    save = trainer._save_checkpoint
+    save = trainer.checkpointer.save
 
     def save_and_remember(*args, **kwargs):
         save(*args, **kwargs)
         good.update(digest=digest(checkpoint), factors=factors(trainer.model), step=trainer.state.optimizer_steps)
 
-    trainer._save_checkpoint = save_and_remember
+    trainer.checkpointer.save = save_and_remember
     calls = {"n": 0}
     original_call = LPIObjective.__call__
 

@@ -44,8 +44,8 @@ def make_model(tokenizer):
 
 def make_args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path / "run"), epochs=2, batch_size=16, eval_batch_size=32, optimizer="adamw",
-        learning_rate=1e-2, weight_decay=0.0, progress=False, recall_ks=[1, 5],
+        output_dir=str(tmp_path / "run"), num_train_epochs=2, per_device_train_batch_size=16, per_device_eval_batch_size=32, optim="adamw",
+        learning_rate=1e-2, weight_decay=0.0, disable_tqdm=True, recall_ks=[1, 5],
     )
     values.update(overrides)
     return ContinualTrainingArguments(**values)
@@ -94,13 +94,13 @@ def test_two_task_run_trains_freezes_evaluates_and_reports(world, tmp_path):
 def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
     tokenizer, processor, data = world
     reference = ContinualTrainer(
-        make_model(tokenizer), tokenizer, processor, data, make_args(tmp_path / "a", checkpoint_every=2)
+        make_model(tokenizer), tokenizer, processor, data, make_args(tmp_path / "a", save_steps=2)
     )
     expected = reference.train()
     expected_factors = factors(reference.model)
 
     AcceleratorState._reset_state(True)
-    args = make_args(tmp_path / "b", checkpoint_every=2)
+    args = make_args(tmp_path / "b", save_steps=2)
     interrupted = ContinualTrainer(make_model(tokenizer), tokenizer, processor, data, args)
     calls = {"n": 0}
     original_step = interrupted._training_step
@@ -117,7 +117,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
 
     AcceleratorState._reset_state(True)
     resumed = ContinualTrainer(
-        make_model(tokenizer), tokenizer, processor, data, make_args(tmp_path / "b", checkpoint_every=2, resume=True)
+        make_model(tokenizer), tokenizer, processor, data, make_args(tmp_path / "b", save_steps=2, resume_from_checkpoint=True)
     )
     got = resumed.train()
     got_factors = factors(resumed.model)
@@ -133,7 +133,7 @@ def test_preprocessed_images_give_the_same_run(world, tmp_path):
     runs = []
     for preprocess in (False, True):
         AcceleratorState._reset_state(True)
-        args = make_args(tmp_path / str(preprocess), epochs=1, preprocess_images=preprocess)
+        args = make_args(tmp_path / str(preprocess), num_train_epochs=1, preprocess_images=preprocess)
         trainer = ContinualTrainer(make_model(tokenizer), tokenizer, processor, data, args)
         runs.append((trainer.train(), factors(trainer.model)))
     (plain, plain_factors), (fast, fast_factors) = runs
@@ -145,7 +145,7 @@ def test_preprocessed_images_give_the_same_run(world, tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(world, tmp_path):
     tokenizer, processor, data = world
-    args = make_args(tmp_path, checkpoint_every=1)
+    args = make_args(tmp_path, save_steps=1)
     trainer = ContinualTrainer(make_model(tokenizer), tokenizer, processor, data, args)
     calls = {"n": 0}
     original_loss = trainer.method.training_loss

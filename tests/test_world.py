@@ -89,6 +89,7 @@ def test_pretrained_backbone_loads_like_a_real_clip(tmp_path) -> None:
     model = CLIPModel.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = AutoImageProcessor.from_pretrained(path)
+    assert type(processor).__name__ == "CLIPImageProcessorPil"  # the PIL backend: no torchvision needed or warned about
     text = model.config.text_config
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
         tokenizer.bos_token_id,

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.preprocess import text_token_limit
+from ..tuner.model import embedding_of
+
 __all__ = [
     "cosine_similarity_matrix",
     "encode_texts",
@@ -50,38 +53,10 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _max_text_length(model: torch.nn.Module, tokenizer) -> int | None:
-    """Longest input the text tower accepts: min(tokenizer.model_max_length, text max_position_embeddings)."""
-    limits = []
-    text_config = getattr(getattr(model, "config", None), "text_config", None)
-    positions = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(positions, int):
-        limits.append(positions)
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and tok_max < 1_000_000:  # tokenizers without a limit report ~1e30
-        limits.append(tok_max)
-    return min(limits) if limits else None
-
-
 def _default_padding(model: torch.nn.Module) -> bool | str:
     """SigLIP models were trained on texts padded to max_length (no attention mask); everything else pads longest."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     return "max_length" if model_type.startswith("siglip") else True
-
-
-def _pooled(output) -> Tensor:
-    """The projected text embedding from `get_text_features`: a tensor (transformers 4.x), an output object whose
-    `.pooler_output` holds it (transformers 5.x), or that object as a tuple (return_dict=False)."""
-    if isinstance(output, Tensor):
-        return output
-    pooled = getattr(output, "pooler_output", None)
-    if isinstance(pooled, Tensor):
-        return pooled
-    if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], Tensor):
-        return output[1]
-    raise TypeError(
-        f"get_text_features returned {type(output).__name__}; expected a tensor or an output with pooler_output."
-    )
 
 
 @torch.no_grad()
@@ -113,7 +88,7 @@ def encode_texts(
     if padding is None:
         padding = _default_padding(model)
     if max_length is None:
-        max_length = _max_text_length(model, tokenizer)
+        max_length = text_token_limit(model, tokenizer)
     device = _model_device(model)
     accepted = set(inspect.signature(model.get_text_features).parameters)
     was_training = model.training
@@ -129,7 +104,7 @@ def encode_texts(
                 return_tensors="pt",
             )
             inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}  # drop e.g. token_type_ids for CLIP
-            out.append(_pooled(model.get_text_features(**inputs)).float().cpu())  # (b, D)
+            out.append(embedding_of(model.get_text_features(**inputs)).float().cpu())  # (b, D)
     finally:
         model.train(was_training)
     if not out:

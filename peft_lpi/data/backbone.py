@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
 
 from .world import IMAGE_SIZE, WORLD_VERSION, WORLD_VOCABULARY, render_generic_arrays
 
@@ -86,9 +86,13 @@ def tiny_clip_config(tokenizer: PreTrainedTokenizerFast) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
 
 
-def world_image_processor(mean: list[float], std: list[float]) -> CLIPImageProcessor:
-    """A CLIP image processor for 32x32 world images with the world's own statistics (no augmentation)."""
-    return CLIPImageProcessor(
+def world_image_processor(mean: list[float], std: list[float]) -> CLIPImageProcessorPil:
+    """A CLIP image processor for 32x32 world images with the world's own statistics (no augmentation).
+
+    The PIL backend explicitly: `CLIPImageProcessor` is the torchvision backend in transformers 5 and, without
+    torchvision, falls back to this class with a warning. Saved, it loads back with `AutoImageProcessor` /
+    `AutoProcessor` as this class (its config names the model's processor family, "CLIPImageProcessor")."""
+    return CLIPImageProcessorPil(
         do_resize=True,
         size={"shortest_edge": IMAGE_SIZE},
         do_center_crop=True,

@@ -37,6 +37,16 @@ def caption_id(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def text_token_limit(model: Any, tokenizer: Any) -> int | None:
+    """Most tokens a text may have: the smaller of the text tower's position table
+    (`config.text_config.max_position_embeddings`) and the tokenizer's `model_max_length`; None when neither is set.
+    Longer captions are truncated to it (with a warning), never a crash in the position embedding."""
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    limits = [getattr(text_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < _NO_LIMIT]
+    return min(limits) if limits else None
+
+
 def _to_rgb(image: Any) -> Image.Image:
     """PIL RGB image from a PIL image, a path or a datasets ``{"path", "bytes"}`` dict.
 

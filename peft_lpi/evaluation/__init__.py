@@ -17,9 +17,11 @@ from .retrieval import (
     continual_metrics,
     final_average,
     forgetting,
+    grouped_continual_metrics,
     per_task_recall,
     retrieval_recall,
     stage_averaged,
+    stage_metrics,
 )
 
 RETRIEVAL_RECALL_PATH: str = str(Path(__file__).resolve().parent / "retrieval_recall")
@@ -30,7 +32,9 @@ __all__ = [
     "continual_metrics",
     "final_average",
     "forgetting",
+    "grouped_continual_metrics",
     "per_task_recall",
     "retrieval_recall",
     "stage_averaged",
+    "stage_metrics",
 ]

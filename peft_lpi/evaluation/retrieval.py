@@ -270,3 +270,35 @@ def continual_metrics(R: AccuracyMatrix) -> dict[str, float]:
         "forgetting": forgetting(R),
         "backward_transfer": backward_transfer(R),
     }
+
+
+def grouped_continual_metrics(matrix: Sequence[Sequence[float]], schedule: list[list[int]]) -> dict[str, float]:
+    """`continual_metrics` generalised to stages that learn several tasks (e.g. joint: one stage).
+
+    A task is "learned at" the stage whose group contains it. final_average: mean of the last stage's row over the
+    tasks learned so far; stage_averaged: per task, mean over the stages from its own on, then over tasks; forgetting
+    (positive = forgotten) and backward transfer: over tasks learned before the last stage, 0.0 when there are none.
+    With one task per stage in order this equals `continual_metrics`.
+    """
+    R = torch.tensor([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=torch.float64)
+    last = R.shape[0] - 1
+    learned_at = {t: s for s, group in enumerate(schedule[: last + 1]) for t in group}
+    seen = sorted(learned_at)
+    final = R[last, seen].mean().item()
+    staged = torch.stack([R[learned_at[t]:, t].nanmean() for t in seen]).mean().item()
+    earlier = [t for t in seen if learned_at[t] < last]
+    if earlier:
+        drops = [R[learned_at[t]:last, t].nan_to_num(nan=-math.inf).max() - R[last, t] for t in earlier]
+        forgetting = torch.stack(drops).mean().item()
+        bwt = torch.stack([R[last, t] - R[learned_at[t], t] for t in earlier]).mean().item()
+    else:
+        forgetting = bwt = 0.0
+    return {"final_average": final, "stage_averaged": staged, "forgetting": forgetting, "backward_transfer": bwt}
+
+
+def stage_metrics(matrix: Sequence[Sequence[float]], schedule: list[list[int]]) -> dict[str, float]:
+    """Continual metrics of an accuracy matrix whose stages follow `schedule` (one task per stage in order, or
+    groups of tasks such as joint training's single stage)."""
+    if all(group == [t] for t, group in enumerate(schedule)):
+        return continual_metrics(torch.tensor(matrix))
+    return grouped_continual_metrics(matrix, schedule)
