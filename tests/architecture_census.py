@@ -51,7 +51,7 @@ def _text(**extra: Any) -> dict:
 
 def _vision(**extra: Any) -> dict:
     values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE,
-                  patch_size=PATCH)
+                  patch_size=PATCH, initializer_range=0.02)  # BLIP's default (1e-10) makes a near-constant tower
     values.update(extra)
     return values
 
@@ -200,9 +200,10 @@ FAMILIES: list[Family] = [
            _BERT_TOWERS),
     Family("AltCLIP", _pair(tf.AltCLIPConfig, tf.AltCLIPModel,
                             text=dict(_text(), max_position_embeddings=MAX_POS + 2, project_dim=16), projection_dim=16),
-           "prompted", {"vision": _VIT, "text": "text_model.roberta.encoder.layer"}),
+           "prompted", {"vision": _VIT, "text": "text_model.roberta.encoder.layers"}),
     Family("MetaClip2", _pair(tf.MetaClip2Config, tf.MetaClip2Model, projection_dim=16), "prompted", _CLIP_TOWERS),
-    Family("Tipsv2", _pair(tf.Tipsv2Config, tf.Tipsv2Model), "prompted", {}),
+    Family("Tipsv2", _pair(tf.Tipsv2Config, tf.Tipsv2Model), "prompted", {"vision": "vision_model.encoder.layer",
+                                                                            "text": "text_model.encoder.layers"}),
     Family("OwlViT", _owl(tf.OwlViTConfig, tf.OwlViTModel), "prompted", _CLIP_TOWERS),
     Family("Owlv2", _owl(tf.Owlv2Config, tf.Owlv2Model), "prompted", _CLIP_TOWERS),
     Family("OwlViTForObjectDetection", _owl(tf.OwlViTConfig, tf.OwlViTForObjectDetection), "prompted",
@@ -227,28 +228,28 @@ FAMILIES: list[Family] = [
     Family("Blip2ForImageTextRetrieval", _blip2_itr, "refused", refusal="Q-Former"),
     Family("Aimv2", _pair(tf.Aimv2Config, tf.Aimv2Model, vision=_vision(num_channels=3), projection_dim=16),
            "prompted", _CLIP_TOWERS),
-    Family("Kosmos-2", _kosmos2, "prompted", {"vision": _VIT, "text": "text_model.model.layers"}, read="kosmos"),
+    Family("Kosmos-2", _kosmos2, "prompted", {"vision": "vision_model.model.encoder.layers", "text": "text_model.model.layers"}, read="kosmos"),
     Family("X-CLIP", _xclip, "prompted", _CLIP_TOWERS, pixels=(2, 3, IMAGE, IMAGE), read="video"),
     Family("ALIGN (EfficientNet)", _align, "text only", {"text": "text_model.encoder.layer"}, refusal="CNN",
            pixels=(3, 64, 64)),
     Family("GroundingDino", _grounding_dino, "additive",
-           {"vision": "model.backbone.conv_encoder.model.encoder.layers", "text": "model.text_backbone.encoder.layer"},
+           {"vision": "model.backbone.conv_encoder.model.swin.encoder.layers.0.blocks", "text": "model.text_backbone.encoder.layer"},
            read="gdino", config={"injection": "additive"}),
     Family("VisionTextDualEncoder ViT + BERT", _dual(lambda: tf.ViTConfig(**_vision()), _bert), "prompted",
-           {"vision": "vision_model.encoder.layer", "text": "text_model.encoder.layer"}),
+           {"vision": "vision_model.layers", "text": "text_model.encoder.layer"}),
     Family("VisionTextDualEncoder DeiT + BERT", _dual(lambda: tf.DeiTConfig(**_vision()), _bert), "prompted",
-           {"vision": "vision_model.encoder.layer", "text": "text_model.encoder.layer"}),
+           {"vision": "vision_model.layers", "text": "text_model.encoder.layer"}),
     Family("VisionTextDualEncoder Dinov2 + BERT", _dual(lambda: tf.Dinov2Config(**_vision()), _bert), "prompted",
            {"vision": "vision_model.encoder.layer", "text": "text_model.encoder.layer"}),
     Family("VisionTextDualEncoder CLIPVision + BERT", _dual(lambda: tf.CLIPVisionConfig(**_vision()), _bert),
-           "prompted", {"vision": "vision_model.vision_model.encoder.layers", "text": "text_model.encoder.layer"}),
+           "prompted", {"vision": "vision_model.encoder.layers", "text": "text_model.encoder.layer"}),
     Family("VisionTextDualEncoder ViT + RoBERTa", _dual(lambda: tf.ViTConfig(**_vision()), _roberta), "prompted",
-           {"vision": "vision_model.encoder.layer", "text": "text_model.encoder.layer"}),
+           {"vision": "vision_model.layers", "text": "text_model.encoder.layer"}),
     Family("VisionTextDualEncoder Swin + BERT", _dual(_swin, _bert), "additive",
-           {"vision": "vision_model.encoder.layers", "text": "text_model.encoder.layer"},
+           {"vision": "vision_model.encoder.layers.0.blocks", "text": "text_model.encoder.layer"},
            config={"injection": "additive"}),
     Family("VisionTextDualEncoder Swin + RoBERTa", _dual(_swin, _roberta), "additive",
-           {"vision": "vision_model.encoder.layers", "text": "text_model.encoder.layer"},
+           {"vision": "vision_model.encoder.layers.0.blocks", "text": "text_model.encoder.layer"},
            config={"injection": "additive"}),
 ]
 
@@ -325,3 +326,17 @@ def read_towers(family: Family, model: nn.Module, batch: dict[str, torch.Tensor]
             return {"vision": out.encoder_last_hidden_state_vision.flatten(1),
                     "text": out.encoder_last_hidden_state_text.flatten(1)}
     raise ValueError(family.read)
+
+
+# ------------------------------------------------------------------------------------------------ README table
+STATUS = {"prompted": "prompted (deep insertion)", "additive": "prompted (`injection=\"additive\"`)",
+          "text only": "text tower only (`towers=\"text\"`)", "refused": "refused at `get_peft_model`"}
+
+
+def census_table() -> str:
+    """The README's supported-families table, generated from the census (tests/test_docs.py keeps them equal)."""
+    rows = ["| family | status | prompted layers (vision / text) | notes |", "|---|---|---|---|"]
+    for family in FAMILIES:
+        towers = " / ".join(f"`{family.towers[m]}`" if m in family.towers else "—" for m in ("vision", "text"))
+        rows.append(f"| {family.name} | {STATUS[family.expected]} | {towers} | {family.notes} |")
+    return "\n".join(rows)

@@ -21,8 +21,6 @@ import peft_lpi  # noqa: F401  (registers LPI with PEFT)
 from peft_lpi import LPIConfig
 
 SMALL = dict(num_tasks=2, prompt_length=2, prompt_depth=2, rank=2)
-STATUS = {"prompted": "prompted (deep insertion)", "additive": "prompted (`injection=\"additive\"`)",
-          "text only": "text tower only (`towers=\"text\"`)", "refused": "refused at `get_peft_model`"}
 
 
 def _config(family: Family, **extra) -> LPIConfig:
@@ -55,7 +53,7 @@ def _first_text_token(model, family: Family, batch, layers_path: str) -> torch.T
 
 def _truly_causal(family: Family, batch, layers_path: str) -> bool:
     """Measured on the base model: does changing the last token of caption 0 leave position 0 unchanged?"""
-    model = build(family)
+    model = build(family).requires_grad_(False)
     before = _first_text_token(model, family, batch, layers_path)
     changed = {k: v.clone() for k, v in batch.items()}
     changed["input_ids"][0, -2] = (changed["input_ids"][0, -2] + 1 - 4) % (60 - 4) + 4
@@ -66,7 +64,7 @@ def _truly_causal(family: Family, batch, layers_path: str) -> bool:
 def check_prompted(family: Family, tmp_path, **extra) -> None:
     """Every census check of a family that LPI prompts (towers per `extra`, default both)."""
     batch = make_batch(family)
-    base_model = build(family)
+    base_model = build(family).requires_grad_(False)  # as get_peft_model leaves it (MHA's fast path needs it)
     base = read_towers(family, base_model, batch)
     peft = _wrap(family, base_model, **extra)
     tuner = peft.base_model
@@ -81,8 +79,8 @@ def check_prompted(family: Family, tmp_path, **extra) -> None:
         outputs.append(read_towers(family, peft, batch))
     for modality in ("vision", "text"):  # the prompted towers change; an unprompted independent tower does not
         if modality in prompted:
-            assert not torch.allclose(outputs[0][modality], base[modality], atol=1e-5), f"{modality} unchanged"
-            assert not torch.allclose(outputs[0][modality], outputs[1][modality], atol=1e-5), "tasks 0 and 1 agree"
+            assert not torch.allclose(outputs[0][modality], base[modality], rtol=1e-4, atol=1e-7), f"{modality} same"
+            assert not torch.allclose(outputs[0][modality], outputs[1][modality], rtol=1e-4, atol=1e-7), "tasks agree"
         elif family.read in ("features", "video", "naflex", "flava", "kosmos"):
             assert torch.equal(outputs[0][modality], base[modality]), f"unprompted {modality} tower changed"
 
@@ -101,7 +99,8 @@ def check_prompted(family: Family, tmp_path, **extra) -> None:
         path = tuner._towers["text"].layers_path
         peft.set_task(0)
         causal = _truly_causal(family, batch, path)
-        assert tuner._towers["text"].causal == causal, f"text tower causal={causal} but detected otherwise"
+        if peft.peft_config["default"].injection != "additive":  # (additive prompts never widen a mask)
+            assert tuner._towers["text"].causal == causal, f"text tower causal={causal} but detected otherwise"
         with peft.disable_adapter():
             plain = _first_text_token(peft, family, batch, path)
         first = _first_text_token(peft, family, batch, path)
@@ -130,12 +129,3 @@ def test_census(family: Family, tmp_path) -> None:
         return
     check_prompted(family, tmp_path)
 
-
-def census_table() -> str:
-    """The README's supported-families table, generated from the census (tests/test_docs.py keeps them equal)."""
-    rows = ["| family | status | towers (vision / text) | notes |", "|---|---|---|---|"]
-    for family in FAMILIES:
-        towers = " / ".join(f"`{family.towers[m]}`" if m in family.towers else "—" for m in ("vision", "text"))
-        notes = family.notes or ""
-        rows.append(f"| {family.name} | {STATUS[family.expected]} | {towers} | {notes} |")
-    return "\n".join(rows)
