@@ -219,7 +219,7 @@ FAMILIES: list[Family] = [
                                                        "text": "text_model.encoder.layers"}),
     Family("GroupViT (1-layer first stage)", _groupvit([1, 2]), "prompted",
            {"vision": "vision_model.encoder.stages.0.layers", "text": "text_model.encoder.layers"},
-           config={"prompt_depth": 1}, notes="prompt_depth capped at the first stage's depth"),
+           notes="prompt_depth capped at the first stage's depth (a warning)"),
     Family("FLAVA", _flava, "prompted", {"vision": "image_model.encoder.layer", "text": "text_model.encoder.layer"},
            read="flava"),
     Family("BLIP", _blip(tf.BlipModel), "prompted", {"vision": _VIT, "text": "text_model.encoder.layer"}),

@@ -129,3 +129,104 @@ def test_census(family: Family, tmp_path) -> None:
         return
     check_prompted(family, tmp_path)
 
+
+
+def _family(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def _add_prompts_with_hooks(model, peft, modality: str, task: int, spatial: bool) -> list:
+    """Independent additive injection: forward pre-hooks on the base blocks that add the task's prompts, reshaped
+    to each block's width, to positions 1..n (sequence) or to the top-left grid of the (H, W) map (Swin)."""
+    prompts = peft.base_model.task_prompts([task])[modality][0].detach()  # (K, P, D)
+    spec = peft.base_model._towers[modality]
+    handles = []
+    for index in range(prompts.shape[0]):
+        block = model.get_submodule(spec.block_path(index))
+
+        def hook(module, args, kwargs, prompt=prompts[index]):
+            hidden = args[0]
+            batch, length, width = hidden.shape
+            values = prompt.reshape(-1, width)
+            n = values.shape[0]
+            if spatial:
+                height, map_width = args[1]
+                rows = int(n ** 0.5)
+                cols = n // rows
+                grid = hidden.reshape(batch, height, map_width, width).clone()
+                grid[:, :rows, :cols] += values.reshape(rows, cols, width)
+                hidden = grid.reshape(batch, length, width)
+            else:
+                hidden = hidden.clone()
+                hidden[:, 1 : 1 + n] += values
+            return (hidden, *args[1:]), kwargs
+
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+@pytest.mark.parametrize("name", ["CLIP", "VisionTextDualEncoder Swin + BERT"])
+def test_additive_matches_an_independent_implementation(name: str) -> None:
+    """injection="additive" == the base model with the prompts added by hooks (per block width; Swin's windows)."""
+    family = _family(name)
+    batch = make_batch(family)
+    peft = _wrap(family, build(family).requires_grad_(False), injection="additive")
+    peft.set_task(1)
+    prompted = read_towers(family, peft, batch)
+    reference_model = build(family).requires_grad_(False)
+    spec = peft.base_model._towers
+    handles = []
+    for modality in ("vision", "text"):
+        handles += _add_prompts_with_hooks(reference_model, peft, modality, 1, spec[modality].spatial)
+    try:
+        expected = read_towers(family, reference_model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for modality in ("vision", "text"):
+        torch.testing.assert_close(prompted[modality], expected[modality], atol=1e-5, rtol=1e-4)
+    if name.startswith("VisionTextDualEncoder Swin"):  # stage 2 is twice as wide: P*D values as half the tokens
+        widths = [peft.get_base_model().get_submodule(spec["vision"].block_path(i)).base_layer.layernorm_before
+                  .normalized_shape[0] for i in range(2)]
+        assert widths == [16, 32]
+
+
+def test_swin_deep_insertion_is_refused_at_get_peft_model() -> None:
+    family = _family("VisionTextDualEncoder Swin + BERT")
+    with pytest.raises(ValueError, match="injection='additive'") as info:
+        _wrap(family, build(family), injection="deep")
+    assert "VisionTextDualEncoderModel" in str(info.value) and "Swin" in str(info.value)
+
+
+def test_blip2_vision_tower_alone_is_prompted() -> None:
+    """BLIP-2's Q-Former text side is refused, but towers='vision' works (the way out the error names)."""
+    family = _family("Blip2ForImageTextRetrieval")
+    peft = _wrap(family, build(family), towers="vision")
+    assert peft.base_model._towers["vision"].layers_path == "vision_model.encoder.layers"
+    assert "text" not in peft.base_model.peft_config["default"].prompted_modalities
+
+
+def test_xclip_auto_routing_expands_video_routes_to_frames() -> None:
+    """set_task('auto') on X-CLIP's get_video_features: one route per video, applied to all its frames; equal to
+    explicit per-video task ids."""
+    family = _family("X-CLIP")
+    batch = make_batch(family)
+    peft = _wrap(family, build(family).requires_grad_(False))
+    tuner = peft.base_model
+    with tuner.prompts_disabled():
+        videos = read_towers(family, peft, batch)
+    # keys from the two videos / captions (tasks 1 and 0)
+    for task, row in ((1, 0), (0, 1)):
+        tuner.set_task_keys(task, vision=videos["vision"][row : row + 1], text=videos["text"][row : row + 1])
+    peft.set_task("auto")
+    with torch.no_grad():
+        peft.get_video_features(pixel_values=batch["pixel_values"])
+    video_routes = tuner.last_routes["vision"]
+    assert video_routes.shape == (2,)  # one route per video (2 videos of 2 frames each)
+    routed = read_towers(family, peft, batch)
+    text_routes = tuner.last_routes["text"]
+    peft.set_task(video_routes)
+    explicit_video = read_towers(family, peft, batch)["vision"]
+    peft.set_task(text_routes)
+    torch.testing.assert_close(routed["vision"], explicit_video)
+    torch.testing.assert_close(routed["text"], read_towers(family, peft, batch)["text"])
