@@ -230,3 +230,31 @@ def test_xclip_auto_routing_expands_video_routes_to_frames() -> None:
     peft.set_task(text_routes)
     torch.testing.assert_close(routed["vision"], explicit_video)
     torch.testing.assert_close(routed["text"], read_towers(family, peft, batch)["text"])
+
+
+def test_owl_detection_auto_routing_per_image_and_per_query() -> None:
+    """set_task('auto') through OwlViTForObjectDetection's forward: images routed with the inner OwlViTModel's
+    get_image_features, each query row with get_text_features; equal to the same routes given explicitly."""
+    family = _family("OwlViTForObjectDetection")
+    batch = make_batch(family)
+    peft = _wrap(family, build(family).requires_grad_(False))
+    tuner = peft.base_model
+    with tuner.prompts_disabled(), torch.no_grad():
+        inner = peft.get_base_model().owlvit
+        images = inner.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        texts = inner.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for task, row in ((1, 0), (0, 1)):
+        tuner.set_task_keys(task, vision=images[row : row + 1], text=texts.pooler_output[row : row + 1])
+    peft.set_task("auto")
+    routed = read_towers(family, peft, batch)
+    routes = dict(tuner.last_routes)
+    assert routes["vision"].shape == (2,) and routes["text"].shape == (4,)  # 2 images, 2 x 2 query rows
+    single = []
+    for task in (0, 1):
+        peft.set_task(task)
+        single.append(read_towers(family, peft, batch))
+    for image, task in enumerate(routes["vision"].tolist()):
+        torch.testing.assert_close(routed["vision"][image], single[task]["vision"][image])
+    routed_queries = routed["text"].reshape(4, -1)  # (image, query) major rows, as fed
+    for row, task in enumerate(routes["text"].tolist()):
+        torch.testing.assert_close(routed_queries[row], single[task]["text"].reshape(4, -1)[row])
