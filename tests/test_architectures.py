@@ -34,38 +34,46 @@ def _wrap(family: Family, model, **extra) -> PeftModel:
         return get_peft_model(model, _config(family, **extra))
 
 
-def _first_text_token(model, family: Family, batch, layers_path: str) -> torch.Tensor:
-    """Output of the text tower's last layer at position 0 (a forward hook), for the read-out of `family`."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    last = base.get_submodule(layers_path)[-1]
-    captured = []
+class _FirstTextToken:
+    """Records the output of the text tower's last layer at position 0 (a forward hook) while active."""
 
-    def hook(module, args, output):
-        captured.append((output if isinstance(output, torch.Tensor) else output[0])[:, 0].clone())
+    def __init__(self, model, layers_path: str | None) -> None:
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        self.layer = base.get_submodule(layers_path)[-1] if layers_path else None
+        self.values: list[torch.Tensor] = []
 
-    handle = last.register_forward_hook(hook)
-    try:
-        read_towers(family, model, batch)
-    finally:
-        handle.remove()
-    return captured[0]
+    def __enter__(self) -> _FirstTextToken:
+        if self.layer is not None:
+            self.handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module, args, output) -> None:
+        self.values.append((output if isinstance(output, torch.Tensor) else output[0])[:, 0].clone())
+
+    def __exit__(self, *exc) -> None:
+        if self.layer is not None:
+            self.handle.remove()
 
 
-def _truly_causal(family: Family, batch, layers_path: str) -> bool:
-    """Measured on the base model: does changing the last token of caption 0 leave position 0 unchanged?"""
-    model = build(family).requires_grad_(False)
-    before = _first_text_token(model, family, batch, layers_path)
+def _changed_last_word(batch):
+    """The batch with caption 0's last word (before EOS) replaced by another word."""
     changed = {k: v.clone() for k, v in batch.items()}
     changed["input_ids"][0, -2] = (changed["input_ids"][0, -2] + 1 - 4) % (60 - 4) + 4
-    after = _first_text_token(model, family, changed, layers_path)
-    return torch.allclose(before[0], after[0], atol=1e-6)
+    return changed
 
 
 def check_prompted(family: Family, tmp_path, **extra) -> None:
     """Every census check of a family that LPI prompts (towers per `extra`, default both)."""
     batch = make_batch(family)
     base_model = build(family).requires_grad_(False)  # as get_peft_model leaves it (MHA's fast path needs it)
-    base = read_towers(family, base_model, batch)
+    text_path = family.towers.get("text") if extra.get("towers", "both") != "vision" else None
+    with _FirstTextToken(base_model, text_path) as plain:
+        base = read_towers(family, base_model, batch)
+    with _FirstTextToken(base_model, text_path) as changed:
+        read_towers(family, base_model, _changed_last_word(batch))
+    # causality as the tower is really run, measured on the base model (caption 0's first position ignores a change
+    # of its last word), not read from a config flag
+    causal = bool(plain.values) and torch.allclose(plain.values[0][0], changed.values[0][0], atol=1e-6)
     peft = _wrap(family, base_model, **extra)
     tuner = peft.base_model
     prompted = peft.peft_config["default"].prompted_modalities
@@ -76,7 +84,10 @@ def check_prompted(family: Family, tmp_path, **extra) -> None:
     outputs = []
     for task in (0, 1):
         peft.set_task(task)
-        outputs.append(read_towers(family, peft, batch))
+        with _FirstTextToken(peft, text_path) as first:
+            outputs.append(read_towers(family, peft, batch))
+        if task == 0:
+            first_prompted = first.values
     for modality in ("vision", "text"):  # the prompted towers change; an unprompted independent tower does not
         if modality in prompted:
             assert not torch.allclose(outputs[0][modality], base[modality], rtol=1e-4, atol=1e-7), f"{modality} same"
@@ -95,16 +106,10 @@ def check_prompted(family: Family, tmp_path, **extra) -> None:
         torch.testing.assert_close(mixed[key][0], outputs[0][key][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mixed[key][1], outputs[1][key][1], atol=1e-5, rtol=1e-4)
 
-    if "text" in prompted:  # causality as the tower is really run: measured on the base model, not read from config
-        path = tuner._towers["text"].layers_path
-        peft.set_task(0)
-        causal = _truly_causal(family, batch, path)
+    if "text" in prompted:  # a causal tower's first token never sees the prompts; a bidirectional one's does
         if peft.peft_config["default"].injection != "additive":  # (additive prompts never widen a mask)
             assert tuner._towers["text"].causal == causal, f"text tower causal={causal} but detected otherwise"
-        with peft.disable_adapter():
-            plain = _first_text_token(peft, family, batch, path)
-        first = _first_text_token(peft, family, batch, path)
-        assert torch.allclose(first, plain, atol=1e-6) == causal
+        assert torch.allclose(first_prompted[0], plain.values[0], atol=1e-6) == causal
 
     peft.save_pretrained(tmp_path / "adapter")  # save / load exact
     loaded = PeftModel.from_pretrained(build(family), tmp_path / "adapter")
