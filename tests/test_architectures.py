@@ -203,6 +203,14 @@ def test_swin_deep_insertion_is_refused_at_get_peft_model() -> None:
     assert "VisionTextDualEncoderModel" in str(info.value) and "Swin" in str(info.value)
 
 
+def test_blip2_qformer_through_layer_paths_is_refused() -> None:
+    """Pointing layer_paths at the Q-Former (the issue's silently-wrong set-up) is refused too."""
+    family = _family("Blip2ForImageTextRetrieval")
+    paths = {"vision": "vision_model.encoder.layers", "text": "qformer.encoder.layer"}
+    with pytest.raises(ValueError, match="Q-Former.*towers='vision'"):
+        _wrap(family, build(family), layer_paths=paths)
+
+
 def test_blip2_vision_tower_alone_is_prompted() -> None:
     """BLIP-2's Q-Former text side is refused, but towers='vision' works (the way out the error names)."""
     family = _family("Blip2ForImageTextRetrieval")
