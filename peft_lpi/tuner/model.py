@@ -391,8 +391,8 @@ class LPIModel(BaseTuner):
         return nearest_task(features, keys, self.active_config.routing_metric, available=bank.has_keys)
 
     def _feature_method(self, name: str) -> Any:
-        """`name` (get_image_features, ...) of the base model, else of the shallowest sub-model that has it (the
-        dual encoder inside a detection / segmentation head)."""
+        """`name` (get_image_features, ...) of the base model, else of the first sub-model in module order that has
+        it (the dual encoder inside a detection / segmentation head, e.g. OwlViTForObjectDetection.owlvit)."""
         for _, module in self.model.named_modules():
             method = getattr(module, name, None)
             if callable(method):
