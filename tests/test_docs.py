@@ -20,8 +20,9 @@ Fences and what happens to them:
   layouts, error messages).
 - A fence without a language, or with another language, fails the check.
 
-Generated tables (between `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`): the `LPIConfig`
-fields and `ContinualTrainingArguments` in docs/api.md, the example's flags in docs/cli.md. Regenerate them with
+Generated tables (between `<!-- begin generated: NAME -->` and `<!-- end generated: NAME -->`): the README's
+supported-families table (from the census in tests/architecture_census.py, checked by tests/test_architectures.py),
+the `LPIConfig` fields and `ContinualTrainingArguments` in docs/api.md, the example's flags in docs/cli.md. Regenerate them with
 `python tests/test_docs.py --update`.
 
 Also checked: docs/api.md names every public function, class and `LPIModel` method; links between pages (and their
@@ -469,7 +470,14 @@ def cli_flags_table() -> str:
     return "\n".join(rows)
 
 
+def supported_families_table() -> str:
+    from architecture_census import census_table
+
+    return census_table()
+
+
 GENERATED = {
+    "README.md": {"supported-families": supported_families_table},
     "docs/api.md": {"lpi-config": lpi_config_table, "trainer-arguments": trainer_arguments_table},
     "docs/cli.md": {"cli-flags": cli_flags_table},
 }

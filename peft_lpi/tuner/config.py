@@ -27,6 +27,7 @@ LPI_PEFT_TYPE = LPIPeftType.LPI
 LPI_CONFIG_FORMAT_VERSION = 1
 
 _TOWERS = ("both", "vision", "text")
+_INJECTIONS = ("deep", "shallow", "additive")
 _ROUTING_METRICS = ("l1", "l2", "cosine")
 
 
@@ -54,6 +55,15 @@ class LPIConfig(PeftConfig):
     rank: int = field(default=4, metadata={"help": "r: rank of the CP decomposition of each task's prompts."})
     towers: Literal["both", "vision", "text"] = field(
         default="both", metadata={"help": "Which towers receive prompts: 'both' (LPI), 'vision' or 'text'."}
+    )
+    injection: Literal["deep", "shallow", "additive"] = field(
+        default="deep",
+        metadata={
+            "help": "How prompts enter a prompted layer. 'deep': P extra tokens inserted after token 0 (VPT-deep). "
+            "'additive': the prompts are added to fixed token positions (the first P after token 0; the top-left "
+            "window of a Swin stage's map, the prompt reshaped to that stage's width), for towers that cannot take "
+            "extra tokens (Swin) and as an alternative on others."
+        },
     )
     share_layer_factor: bool = field(
         default=True,
@@ -164,6 +174,8 @@ class LPIConfig(PeftConfig):
             raise ValueError(f"LPIConfig.task_names has {len(self.task_names)} names for {self.num_tasks} tasks.")
         if self.towers not in _TOWERS:
             raise ValueError(f"LPIConfig.towers must be one of {_TOWERS}, got {self.towers!r}.")
+        if self.injection not in _INJECTIONS:
+            raise ValueError(f"LPIConfig.injection must be one of {_INJECTIONS}, got {self.injection!r}.")
         if self.factorization not in ("cp", "full"):
             raise ValueError(f"LPIConfig.factorization must be 'cp' or 'full', got {self.factorization!r}.")
         if self.routing_metric not in _ROUTING_METRICS:

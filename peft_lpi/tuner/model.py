@@ -21,7 +21,8 @@ from torch import nn
 
 from .._version import __version__
 from ..io import TASK_FILE_FORMAT, TASK_FILE_VERSION, CheckpointError, read_task_file, save_tensors_atomic
-from .architectures import TowerSpec, find_towers
+from .additive import LPIAdditiveLayer
+from .architectures import TowerSpec, find_towers, replace_block
 from .config import LPIConfig
 from .factors import VISION, LPIPromptBank, LPITaskFactors
 from .layer import LPIPromptedLayer
@@ -84,7 +85,11 @@ class LPIModel(BaseTuner):
             self._prompt_cache: dict[str, torch.Tensor] = {}
             self._prompts_off = False
             self.last_routes: dict[str, torch.Tensor] = {}  # tasks chosen by the latest "auto" call, per modality
-        towers = find_towers(model, config.layer_paths, config.text_causal)
+        injection = getattr(config, "injection", "deep")
+        towers = find_towers(
+            model, config.layer_paths, config.text_causal, required=config.prompted_modalities, injection=injection
+        )
+        _check_injection(model, towers, config)
         depth = min(config.prompt_depth, *(towers[m].num_layers for m in config.prompted_modalities))
         if depth < config.prompt_depth:
             warnings.warn(
@@ -93,6 +98,7 @@ class LPIModel(BaseTuner):
             )
             config.prompt_depth = depth
         self._towers: dict[str, TowerSpec] = towers
+        self._grouped_rows = _grouped_row_modalities(model)
         hidden_sizes = {m: towers[m].hidden_size for m in config.prompted_modalities}
         bank = LPIPromptBank(
             num_tasks=config.num_tasks,
@@ -112,17 +118,22 @@ class LPIModel(BaseTuner):
         # low_cpu_mem_usage: PEFT builds the factors on the meta device and assigns the loaded tensors later
         self.lpi_prompts[adapter_name] = bank if any(p.is_meta for p in bank.parameters()) else bank.to(device)
         for modality in config.prompted_modalities:
-            layers = model.get_submodule(towers[modality].layers_path)
+            spec = towers[modality]
             for index in range(depth):
-                layer = layers[index]
+                path = spec.block_path(index)
+                layer = model.get_submodule(path)
                 if isinstance(layer, LPIPromptedLayer):
                     continue  # wrapped for an earlier adapter: wrappers ask the active adapter's bank
-                layers[index] = LPIPromptedLayer(
-                    layer, modality, index, towers[modality].causal, self._layer_prompts
-                )
-                layers[index].training_factors_source = self._training_factors_view
-                layers[index].requires_grad_sink = self.set_requires_grad
-                self.targeted_module_names.append(f"{towers[modality].layers_path}.{index}")
+                if injection == "additive":
+                    wrapped = LPIAdditiveLayer(
+                        layer, modality, index, spec.causal, self._layer_prompts, spatial=spec.spatial
+                    )
+                else:
+                    wrapped = LPIPromptedLayer(layer, modality, index, spec.causal, self._layer_prompts)
+                wrapped.training_factors_source = self._training_factors_view
+                wrapped.requires_grad_sink = self.set_requires_grad
+                replace_block(model, path, wrapped)
+                self.targeted_module_names.append(path)
         # A new adapter trains only if it is the active one (the first adapter) and not loaded for inference; adding
         # an adapter never changes what the other adapters train (PEFT: "add_adapter preserves existing trainability").
         self._grad_enabled[adapter_name] = adapter_name in self.active_adapters and not config.inference_mode
@@ -135,7 +146,7 @@ class LPIModel(BaseTuner):
     def _embedding_sizes(model: nn.Module, towers: dict[str, TowerSpec]) -> dict[str, int]:
         """Width of the routing features (the projected embeddings) of each tower."""
         projection = getattr(getattr(model, "config", None), "projection_dim", None)
-        return {m: int(projection or towers[m].hidden_size) for m in ("vision", "text")}
+        return {m: int(projection or (towers[m].hidden_size if m in towers else 1)) for m in ("vision", "text")}
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - inject_adapter is custom
         raise NotImplementedError("LPIModel injects through inject_adapter.")
@@ -295,11 +306,9 @@ class LPIModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             self.merge_adapter()
-        for spec in self._towers.values():
-            layers = self.model.get_submodule(spec.layers_path)
-            for index, layer in enumerate(layers):
-                if isinstance(layer, LPIPromptedLayer):
-                    layers[index] = layer.base_layer
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LPIPromptedLayer):
+                replace_block(self.model, name, module.base_layer)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
@@ -424,7 +433,7 @@ class LPIModel(BaseTuner):
     # ------------------------------------------------------------------ prompts for the wrapped layers
     def _samples_tasks(self, modality: str, batch: int) -> torch.Tensor | int:
         if modality in self._routes:
-            routes = self._routes[modality]
+            routes = self._expand_rows(modality, self._routes[modality], batch)
             if routes.shape[0] != batch:
                 raise ValueError(f"Routed {routes.shape[0]} {modality} samples but the batch has {batch}.")
             return routes
@@ -434,11 +443,20 @@ class LPIModel(BaseTuner):
                 "set_task('auto') routes inside the PeftModel's forward, get_image_features and get_text_features. "
                 "Call those on the PeftModel (not on the inner base model)."
             )
+        if isinstance(selection, torch.Tensor):
+            selection = self._expand_rows(modality, selection, batch)
         if isinstance(selection, torch.Tensor) and selection.shape[0] != batch:
             raise ValueError(
                 f"set_task got {selection.shape[0]} per-sample task ids but the {modality} batch has {batch} samples."
             )
         return selection
+
+    def _expand_rows(self, modality: str, tasks: torch.Tensor, batch: int) -> torch.Tensor:
+        """Per-sample task ids for a tower whose rows are not samples (X-CLIP's frames, OWL detection's queries):
+        each sample's id repeated over its rows (rows are sample-major there)."""
+        if modality in getattr(self, "_grouped_rows", ()) and tasks.shape[0] != batch and batch % tasks.shape[0] == 0:
+            return tasks.repeat_interleave(batch // tasks.shape[0])
+        return tasks
 
     def _layer_prompts(self, modality: str, layer_index: int, batch: int) -> torch.Tensor | None:
         """(B, P, D) prompts for one prompted layer, or None when this layer gets no prompts."""
@@ -515,8 +533,25 @@ class LPIModel(BaseTuner):
         keys = getattr(bank, f"{modality}_keys")
         return nearest_task(features, keys, self.active_config.routing_metric, available=bank.has_keys)
 
+    def _feature_method(self, name: str) -> Any:
+        """`name` (get_image_features, ...) of the base model, else of the first sub-model in module order that has
+        it (the dual encoder inside a detection / segmentation head, e.g. OwlViTForObjectDetection.owlvit)."""
+        for _, module in self.model.named_modules():
+            method = getattr(module, name, None)
+            if callable(method):
+                return method
+        raise ValueError(
+            f"set_task('auto') routes with {name}, which {type(self.model).__name__} and its sub-models lack. Give "
+            "explicit task ids (an int or one id per sample) instead."
+        )
+
     def _base_features(self, modality: str, **inputs: Any) -> torch.Tensor:
-        method = self.model.get_image_features if modality == VISION else self.model.get_text_features
+        if modality == VISION:
+            pixels = inputs.get("pixel_values")
+            video = pixels is not None and pixels.dim() == 5
+            method = self._feature_method("get_video_features" if video else "get_image_features")
+        else:
+            method = self._feature_method("get_text_features")
         with self.prompts_disabled():
             return embedding_of(method(**inputs))
 
@@ -551,6 +586,11 @@ class LPIModel(BaseTuner):
         with self._auto_routes({"pixel_values": pixel_values}):
             return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
 
+    def get_video_features(self, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """X-CLIP's video features (frames of each video get the video's task)."""
+        with self._auto_routes({"pixel_values": pixel_values}):
+            return self.model.get_video_features(pixel_values=pixel_values, **kwargs)
+
     def get_text_features(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         with self._auto_routes({"input_ids": input_ids, **kwargs}):
             return self.model.get_text_features(input_ids=input_ids, **kwargs)
@@ -566,8 +606,8 @@ class LPIModel(BaseTuner):
             "model_type": str(getattr(base_config, "model_type", type(self.model).__name__)),
             "base_model_name_or_path": str(config.base_model_name_or_path or ""),
             "towers": config.towers,
-            "vision_hidden_size": str(self._towers["vision"].hidden_size),
-            "text_hidden_size": str(self._towers["text"].hidden_size),
+            "vision_hidden_size": str(self._towers["vision"].hidden_size if "vision" in self._towers else None),
+            "text_hidden_size": str(self._towers["text"].hidden_size if "text" in self._towers else None),
             "rank": str(bank.rank),
             "prompt_length": str(bank.prompt_length),
             "prompt_depth": str(bank.depth),
@@ -583,7 +623,10 @@ class LPIModel(BaseTuner):
         the same shapes (another checkpoint), while tolerating dtype casts of the same one (compared with rtol 1e-3)."""
         norms = []
         for modality in ("vision", "text"):
-            layer = self.model.get_submodule(self._towers[modality].layers_path)[0]
+            if modality not in self._towers:
+                continue  # a tower LPI does not prompt and could not locate (a CNN)
+            layer = self.model.get_submodule(self._towers[modality].block_path(0))
+            layer = layer.base_layer if isinstance(layer, LPIPromptedLayer) else layer
             for _, param in sorted(layer.named_parameters()):
                 norms.append(0.0 if param.is_meta else float(torch.linalg.vector_norm(param.detach().double())))
         return json.dumps([float(f"{v:.8g}") for v in norms])
@@ -660,3 +703,29 @@ class LPIModel(BaseTuner):
         """Append a task trained elsewhere (same backbone and LPI shape), keys included; returns its new id."""
         return self.load_task(None, path)
 
+
+
+def _grouped_row_modalities(model: nn.Module) -> frozenset[str]:
+    """Towers whose batch rows are groups of rows per sample: X-CLIP's vision tower (frames per video) and OWL
+    detection's text tower (queries per image); per-sample task ids expand over those rows."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "xclip":
+        return frozenset({"vision"})
+    if model_type in ("owlvit", "owlv2") and type(model).__name__.endswith("ForObjectDetection"):
+        return frozenset({"text"})
+    return frozenset()
+
+
+def _check_injection(model: nn.Module, towers: dict[str, TowerSpec], config: LPIConfig) -> None:
+    """Refuse at injection time what cannot work at the first forward: extra tokens into a Swin tower."""
+    injection = getattr(config, "injection", "deep")
+    for modality in config.prompted_modalities:
+        spec = towers[modality]
+        if spec.spatial and injection != "additive":
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(
+                f"The {modality} tower of {type(model).__name__} (model_type={model_type!r}) is a Swin-style tower "
+                f"('{spec.layers_path}'): its blocks window a fixed (H, W) token map, so no extra prompt tokens can be "
+                "inserted. Use LPIConfig(injection='additive') (prompts added to the top-left window of each stage's "
+                "map, as the authors did for GLIP's Swin)."
+            )
