@@ -376,8 +376,8 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(kind):
         model.train()
         calls = []
         # a pre-hook inside the checkpointed forward (the non-reentrant recompute stops early, before post-hooks)
-        norm = base.text_model.encoder.layers[0].base_layer.layer_norm1
-        hook = norm.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
+        query = base.text_model.encoder.layers[0].base_layer.self_attn.q_proj  # once per layer pass on either path
+        hook = query.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
         img, txt = image_features(model, batch), text_features(model, batch)
         loss = (img @ txt.T).logsumexp(-1).mean() + img.pow(2).mean()
         loss.backward()
