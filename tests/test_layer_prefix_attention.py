@@ -15,12 +15,7 @@ from peft_lpi.tuner.layer import LPIPromptedLayer
 BUILDERS = {"clip": tiny_clip, "siglip": tiny_siglip}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 @pytest.fixture

@@ -27,13 +27,7 @@ SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)  # K, P, r of most tests
 
 
 # ---------------------------------------------------------------------------------------------------- utilities
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on the shared CPU cores (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 def emb(output) -> torch.Tensor:

@@ -19,12 +19,7 @@ from peft_lpi.tuner.factors import CorrelationModule, LPITaskFactors
 NUM_TASKS, TRAINED, BATCH = 3, 2, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 def setup(kind: str, dtype: torch.dtype = torch.float32) -> tuple[LPIMethod, dict, list[torch.nn.Parameter]]:

@@ -34,12 +34,7 @@ from peft_lpi.io import CheckpointError
 SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,7 @@ BUILDERS = {"clip": tiny_clip, "siglip": tiny_siglip}
 NUM_TASKS, BATCH, STICKY = 3, 4, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 def lpi_model(kind: str) -> PeftModel:
