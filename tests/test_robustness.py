@@ -3,7 +3,7 @@ between adapters.
 
 Covered elsewhere, not repeated here: a plain BERT given to get_peft_model, task-selection errors of `set_task`,
 task files that are corrupt / truncated / foreign / of another rank, prompt length, depth, width, model type or
-towers (tests/test_lpi_model.py); RGBA / greyscale / palette / odd-sized images and captions over the tokenizer's
+towers (tests/test_tuner_model.py, test_layer.py); RGBA / greyscale / palette / odd-sized images and captions over the tokenizer's
 limit in the collator (tests/test_preprocess.py); an empty training task and a NaN loss (tests/test_trainer.py).
 """
 
