@@ -1,8 +1,8 @@
 """The LPI tuner: a PEFT `BaseTuner` that injects deep prompts into both towers of a dual encoder.
 
 The factors of every task live on the tuner (`lpi_prompts[adapter_name]`, an `LPIPromptBank`), shared by the
-wrapped layers of both towers. Which task's prompts a sample gets is tuner state (`set_task`), because the feature
-methods (`get_image_features`, `get_text_features`) bypass `PeftModel.forward`.
+wrapped layers of both towers. Which task's prompts a sample gets is chosen per call (`task_ids=` on the forward and
+both feature methods, as PEFT's LoRA takes `adapter_names`) or sticky (`set_task`).
 """
 
 from __future__ import annotations
