@@ -37,20 +37,19 @@ def prefix_attention_layer(
     The wrapped layer's output at the prompt positions is discarded (VPT-deep), so the prompts only matter as keys
     and values of the real tokens' attention: their query, attention output, out_proj and MLP rows are never
     needed. This runs LayerNorm1 and the k/v projections on the P prompt rows and everything else on the L real
-    rows only; the result equals "insert, run the layer, strip" up to float rounding. A batch sharing one task's
-    prompts (an expanded tensor) projects them once. The key order (prompts last instead of after token 0) does
+    rows only; the result equals "insert, run the layer, strip" up to float rounding. The key order (prompts last instead of after token 0) does
     not matter to attention; the mask says who sees them: every real token, except token 0 when causal.
     """
     attn = layer.self_attn
     batch, length, width = hidden.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    shared = prompts.stride(0) == 0  # one task for the whole batch: project (1, P, D) once
     normed = layer.layer_norm1(hidden)
-    prompt_normed = layer.layer_norm1(prompts[:1] if shared else prompts)
+    # per sample even when the whole batch shares one task: projecting (1, P, D) once would round differently from a
+    # per-sample batch of the same task, and a sample's output must not depend on how its task was selected
+    prompt_normed = layer.layer_norm1(prompts)
 
     def keys_values(proj: nn.Module) -> torch.Tensor:
-        prompt_part = proj(prompt_normed).expand(batch, -1, -1)
-        both = torch.cat([proj(normed), prompt_part], dim=1)  # (B, L + P, D)
+        both = torch.cat([proj(normed), proj(prompt_normed)], dim=1)  # (B, L + P, D)
         return both.view(batch, -1, heads, head_dim).transpose(1, 2)
 
     query = attn.q_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
