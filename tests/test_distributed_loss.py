@@ -38,6 +38,7 @@ def _run_workers(fn, tmp_path: Path) -> list[dict]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_global_batch_losses_match_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
     results = _run_workers(dist_workers.loss_parity_worker, tmp_path)

@@ -64,6 +64,7 @@ def common(backbone: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_generic_dataset_with_held_out_split_and_method_learning_rate(example, local_world, tmp_path):
     backbone, data = local_world
     loaded = []
