@@ -37,8 +37,9 @@ def prefix_attention_layer(
     The wrapped layer's output at the prompt positions is discarded (VPT-deep), so the prompts only matter as keys
     and values of the real tokens' attention: their query, attention output, out_proj and MLP rows are never
     needed. This runs LayerNorm1 and the k/v projections on the P prompt rows and everything else on the L real
-    rows only; the result equals "insert, run the layer, strip" up to float rounding. The key order (prompts last instead of after token 0) does
-    not matter to attention; the mask says who sees them: every real token, except token 0 when causal.
+    rows only; the result equals "insert, run the layer, strip" up to float rounding. The key order (prompts last
+    instead of after token 0) does not matter to attention; the mask says who sees them: every real token, except
+    token 0 when causal.
     """
     attn = layer.self_attn
     batch, length, width = hidden.shape
@@ -184,7 +185,8 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
         num_prompts = prompts.shape[1]
         prompts = prompts.to(dtype=hidden.dtype)
         if self._can_run_prefix_attention(args, kwargs, mask):
-            return prefix_attention_layer(self.base_layer, hidden, mask, prompts, self.causal or kwargs.get("is_causal") is True)
+            causal = self.causal or kwargs.get("is_causal") is True
+            return prefix_attention_layer(self.base_layer, hidden, mask, prompts, causal)
         prompted = torch.cat([hidden[:, :1], prompts, hidden[:, 1:]], dim=1)  # (B, L + P, D)
         causal = self.causal or kwargs.get("is_causal") is True
         new_mask = widen_attention_mask(mask, num_prompts, seq_len, causal)
