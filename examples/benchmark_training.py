@@ -74,10 +74,12 @@ def require_input_grads(model: CLIPModel) -> None:
     model.text_model.embeddings.register_forward_hook(hook)
 
 
-def features(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 image and text embeddings of a batch through the model's feature methods."""
-    image = embedding_of(model.get_image_features(pixel_values=batch["pixel_values"]))
-    text = embedding_of(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+def features(model: torch.nn.Module, batch: dict[str, torch.Tensor], **task_ids: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 image and text embeddings of a batch through the model's feature methods (LPI: with `task_ids=`)."""
+    image = embedding_of(model.get_image_features(pixel_values=batch["pixel_values"], **task_ids))
+    text = embedding_of(model.get_text_features(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **task_ids
+    ))
     return image.float(), text.float()
 
 
@@ -117,8 +119,8 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
     tasks = torch.arange(args.batch_size, device=device) % TASKS if variant == "lpi-mixed" else TRAINED_TASK
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        model.set_task(tasks)
-        return objective(*features(model, batch), TRAINED_TASK, gather=False)["loss"]
+        with model.reuse_prompts():  # one prompt computation feeds both towers and the prompt losses
+            return objective(*features(model, batch, task_ids=tasks), TRAINED_TASK, gather=False)["loss"]
 
     return model, loss_fn
 
@@ -256,6 +258,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time, steadier on a machine shared with other jobs (use "
+        "with --threads 1)",
+    )
     parser.add_argument("--gallery-images", type=int, default=5000)
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=1024, help="query rows per chunk of retrieval_recall")
@@ -278,7 +287,7 @@ def main() -> None:
         f"CLIP ViT-B/16 sizes, random weights | batch {args.batch_size} | LPI K={args.depth} P={args.length} "
         f"r={args.rank} tasks={TASKS} | LoRA r=8 q/k/v/out both towers | attn={args.attn} | "
         f"{'bf16 autocast' if args.bf16 else 'fp32'} | {device.type} ({gpu}) | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | {args.warmup} warm-up + {args.repeats} timed steps (median)"
+        f"{torch.get_num_threads()} threads | {args.warmup} warm-up + {args.repeats} timed steps (median, {args.clock} clock)"
     )
     print(header, flush=True)
     rows: list[tuple[str, str, str]] = []
@@ -288,7 +297,8 @@ def main() -> None:
         models = {name: build(name, args, device) for name in VARIANTS}
         batch = _batch(args, device)
         steps = {name: (lambda m=m, f=f: train_step(m, f, batch, args.bf16, device)) for name, (m, f) in models.items()}
-        times = time_round_robin(steps, args.repeats, args.warmup)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = time_round_robin(steps, args.repeats, args.warmup, clock=clock)
         median = {name: statistics.median(v) for name, v in times.items()}
         results["train_step_s"] = {"runs": times, "median": median,
                                    "trainable": {n: count_trainable(m) for n, (m, _) in models.items()}}

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
+from peft_lpi import LPIConfig
 from peft_lpi.data.backbone import word_level_tokenizer
+from peft_lpi.tuner.factors import LPITaskFactors
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # EOS != 2: CLIP then pools at the first EOS token (not argmax of ids)
 TINY_VOCAB_SIZE = 100
@@ -59,7 +63,7 @@ def tiny_siglip_model(tokenizer: PreTrainedTokenizerFast | None = None, *, seed:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tiny dual encoders with configurable widths / depth / attention, and random batches (used by test_lpi_model.py).
+# Tiny dual encoders with configurable widths / depth / attention, and random batches (used by the tuner test files).
 # ----------------------------------------------------------------------------------------------------------------
 TINY_IMAGE_SIZE, TINY_PATCH_SIZE = 16, 8  # 4 patches (+ CLS where the tower has one)
 
@@ -154,3 +158,119 @@ def random_batch(
         input_ids[row, :length] = words
         attention_mask[row, :length] = 1
     return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LPI test utilities and the independent reference injection (shared by the tuner test files).
+# ----------------------------------------------------------------------------------------------------------------
+KINDS = ("clip", "siglip", "vit_bert")
+SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)  # K, P, r of most tests
+
+
+def emb(output) -> torch.Tensor:
+    """The projected embedding of a feature method (transformers 5.x: `.pooler_output`)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def image_features(model, batch: dict) -> torch.Tensor:
+    return emb(model.get_image_features(pixel_values=batch["pixel_values"]))
+
+
+def text_features(model, batch: dict) -> torch.Tensor:
+    return emb(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+
+
+def features(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return image_features(model, batch), text_features(model, batch)
+
+
+def wrap(base: nn.Module, seed: int = 0, **config) -> PeftModel:
+    """get_peft_model with seeded factor init (so two wraps with the same seed hold the same factors)."""
+    torch.manual_seed(seed)
+    return get_peft_model(base, LPIConfig(**{**SMALL, **config}))
+
+
+def widths(base: nn.Module) -> tuple[int, int]:
+    return base.config.vision_config.hidden_size, base.config.text_config.hidden_size
+
+
+def bank_of(model: PeftModel, adapter: str | None = None):
+    tuner = model.base_model
+    return tuner.lpi_prompts[adapter or tuner.active_adapters[0]]
+
+
+def cp_prompts(factors: LPITaskFactors, modality: str) -> torch.Tensor:
+    """Independent CP reconstruction (1/r) sum_k A[l,k] B[p,k] C[d,k] by broadcasting: (K, P, D)."""
+    a = factors.layer_factor if factors.share_layer_factor else factors.layer_factors[modality]
+    b, c = factors.token_factors[modality], factors.hidden_factors[modality]
+    return (a[:, None, None, :] * b[None, :, None, :] * c[None, None, :, :]).sum(-1) / a.shape[1]
+
+
+def snapshot(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lpi_prompts" in k}
+
+
+def assert_same_state(before: dict[str, torch.Tensor], model: PeftModel) -> None:
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]) or (
+            before[key].is_floating_point()
+            and torch.equal(before[key].isnan(), after[key].isnan())
+            and torch.equal(before[key].nan_to_num(), after[key].nan_to_num())
+        ), key
+
+
+# -------------------------------------------------------------------- independent reference injection (CLIP)
+def _prompted_mask(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """Additive (B, 1, L+P, L+P) mask built from scratch: sequence order [tok0, prompts, tok1..]; causal over the
+    real tokens, padding columns hidden, prompts visible to every real token after token 0."""
+    batch, length = attention_mask.shape
+    total = length + num_prompts
+    pos = [0] + [None] * num_prompts + list(range(1, length))  # original position of each widened slot
+    allowed = torch.zeros(batch, total, total, dtype=torch.bool)
+    for b in range(batch):
+        for q in range(total):
+            for k in range(total):
+                if pos[q] is None:  # prompt rows: output discarded, only must not be fully masked
+                    allowed[b, q, k] = True
+                elif pos[k] is None:
+                    allowed[b, q, k] = pos[q] > 0
+                else:
+                    allowed[b, q, k] = pos[k] <= pos[q] and bool(attention_mask[b, pos[k]])
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+
+
+def _run_layers(layers, hidden, prompts, mask_fn):
+    """Insert prompts[:, l] after token 0 before layer l < K, run the ORIGINAL layer, strip. Returns final + states."""
+    depth, num_prompts = prompts.shape[1], prompts.shape[2]
+    states = [hidden]
+    for index, layer in enumerate(layers):
+        if index < depth:
+            widened = torch.cat([hidden[:, :1], prompts[:, index], hidden[:, 1:]], dim=1)
+            out = layer(widened, mask_fn(num_prompts))
+            out = out[0] if isinstance(out, tuple) else out
+            hidden = torch.cat([out[:, :1], out[:, 1 + num_prompts :]], dim=1)
+        else:
+            out = layer(hidden, mask_fn(0))
+            hidden = out[0] if isinstance(out, tuple) else out
+        states.append(hidden)
+    return hidden, states
+
+
+def reference_clip_text(clip, prompts: torch.Tensor, input_ids, attention_mask):
+    """CLIP text features with deep prompts (B, K, P, D), computed layer by layer on an unwrapped eager CLIP."""
+    tm = clip.text_model
+    hidden = tm.embeddings(input_ids=input_ids)
+    hidden, states = _run_layers(tm.encoder.layers, hidden, prompts, lambda p: _prompted_mask(attention_mask, p))
+    hidden = tm.final_layer_norm(hidden)
+    eos = (input_ids == EOS_ID).int().argmax(-1)
+    return clip.text_projection(hidden[torch.arange(len(input_ids)), eos]), states
+
+
+def reference_clip_image(clip, prompts: torch.Tensor, pixel_values):
+    vm = clip.vision_model
+    hidden = vm.pre_layrnorm(vm.embeddings(pixel_values))
+    hidden, states = _run_layers(vm.encoder.layers, hidden, prompts, lambda p: None)
+    return clip.visual_projection(vm.post_layernorm(hidden[:, 0])), states

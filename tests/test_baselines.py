@@ -83,6 +83,7 @@ def runs(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.slow
 def test_every_method_runs_end_to_end(runs, name):
     trainer, results, _, _ = runs[name]
     stages = 1 if name == "joint" else 2
@@ -99,6 +100,7 @@ def test_every_method_runs_end_to_end(runs, name):
     assert (trainer.output_dir / "checkpoint" / "trainer_state.json").is_file()
 
 
+@pytest.mark.slow
 def test_zero_shot_embeddings_equal_the_base_models(runs, world):
     trainer, results, _, _ = runs["zero-shot"]
     tokenizer, processor, data = world
@@ -114,6 +116,7 @@ def test_zero_shot_embeddings_equal_the_base_models(runs, world):
         assert matrix[1][0] <= matrix[0][0], key
 
 
+@pytest.mark.slow
 def test_shared_prompt_trains_one_set_on_every_task_and_forgets(runs):
     trainer, results, (after0, after1), initial = runs["shared-prompt"]
     bank = trainer.model.base_model.lpi_prompts["default"]
@@ -127,6 +130,7 @@ def test_shared_prompt_trains_one_set_on_every_task_and_forgets(runs):
     assert results["trainable_parameters_per_task"] == k * p * (WIDTH + WIDTH)
 
 
+@pytest.mark.slow
 def test_s_prompts_is_full_rank_per_task_without_interaction(runs):
     trainer, results, (after0, after1), initial = runs["s-prompts"]
     bank = trainer.model.base_model.lpi_prompts["default"]
@@ -140,6 +144,7 @@ def test_s_prompts_is_full_rank_per_task_without_interaction(runs):
             assert torch.equal(after1[key], value), key  # task 0 frozen while task 1 trains
 
 
+@pytest.mark.slow
 def test_lora_per_task_adapters_freeze_and_route_by_groups(runs, world):
     trainer, results, (after0, after1), initial = runs["lora"]
     method: LoRAMethod = trainer.method
@@ -170,6 +175,7 @@ def test_lora_per_task_adapters_freeze_and_route_by_groups(runs, world):
     torch.testing.assert_close(auto, method.encode("text", inputs, routes)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_round_trip(runs, world):
     trainer, _, _, _ = runs["lora"]
     tokenizer, _, _ = world
@@ -183,6 +189,7 @@ def test_lora_checkpoint_round_trip(runs, world):
     torch.testing.assert_close(method.keys["vision"], trainer.method.keys["vision"])
 
 
+@pytest.mark.slow
 def test_joint_is_one_stage_over_all_tasks(runs):
     trainer, results, snapshots, initial = runs["joint"]
     assert results["schedule"] == [[0, 1]]
@@ -232,6 +239,7 @@ def test_unknown_method_is_refused(world):
         build_method("ewc", tiny_base(world[0]), 2, {})
 
 
+@pytest.mark.slow
 def test_results_table_is_built_from_run_folders(runs, tmp_path):
     """examples/run_results.py picks each method's best sweep rate and turns results.json files into table rows."""
     import copy

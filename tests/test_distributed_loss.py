@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
+import dist_workers  # tests/ is on sys.path (conftest.py); spawned workers inherit it and unpickle `dist_workers.*`
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import peft_lpi.continual.losses  # noqa: F401  (the real module, used by dist_workers in this process)
-
-TESTS_DIR = str(Path(__file__).resolve().parent)
-if TESTS_DIR not in sys.path:  # spawned workers inherit sys.path and unpickle `dist_workers.*` by name
-    sys.path.insert(0, TESTS_DIR)
-
-import dist_workers  # noqa: E402
 
 WORLD_SIZE = 2
 DEADLINE_S = 120.0
@@ -44,6 +38,7 @@ def _run_workers(fn, tmp_path: Path) -> list[dict]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_global_batch_losses_match_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
     results = _run_workers(dist_workers.loss_parity_worker, tmp_path)

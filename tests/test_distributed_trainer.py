@@ -28,6 +28,7 @@ def run(command: list[str], env: dict[str, str], timeout: float = 240) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false"}
     run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "16", "1"], env)

@@ -10,13 +10,11 @@ import datasets
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from fault_run import build_base
 
 import peft_lpi
 from peft_lpi.data.backbone import build_world_tokenizer, world_image_processor
 from peft_lpi.data.world import WORLD_TASKS, build_offline_benchmark
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fault_run import build_base  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "continual_retrieval.py"
 
@@ -66,6 +64,7 @@ def common(backbone: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_generic_dataset_with_held_out_split_and_method_learning_rate(example, local_world, tmp_path):
     backbone, data = local_world
     loaded = []

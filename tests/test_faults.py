@@ -105,6 +105,7 @@ def runs(world, tmp_path_factory):
 
 
 # ============================================================================================ determinism (CPU)
+@pytest.mark.slow
 def test_same_seed_gives_identical_factors_and_metrics_on_cpu(runs):
     (results_a, factors_a), (results_b, factors_b) = runs["a"], runs["b"]
     assert_same_factors(factors_b, factors_a)  # bit-identical (atol 0): torch.equal on every tensor
@@ -115,6 +116,7 @@ def test_same_seed_gives_identical_factors_and_metrics_on_cpu(runs):
 
 
 # ================================================================================================ SIGKILL
+@pytest.mark.slow
 def test_sigkill_mid_task_then_resume_matches_uninterrupted_run(runs, world):
     assert runs["returncode"] == -signal.SIGKILL
     assert runs["marker"].strip() == f"task 1 step {PAUSE_AT}"

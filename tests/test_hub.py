@@ -302,6 +302,7 @@ def test_load_back_from_a_hub_snapshot_offline(stub, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- the example's flag
+@pytest.mark.slow
 def test_example_push_to_hub_flag_uploads_after_training(stub, tmp_path, monkeypatch):
     import importlib.util
     import sys

@@ -29,6 +29,7 @@ def features(model, batch):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.slow
 def test_image_embedding_does_not_depend_on_captions(kind):
     """The correlation module couples prompts, never data: images and captions are encoded independently."""
     model = lpi(kind)
@@ -65,6 +66,7 @@ def test_objective_uses_the_family_loss_and_reports_every_term(kind):
     assert objective(image, text, task=0)["task"].item() == 0.0
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_a_fixed_batch_lower_every_term():
     torch.manual_seed(0)
     model = lpi("clip", align_normalize=True)
@@ -92,6 +94,7 @@ def clustered_keys(model, batches):
         model.build_task_keys(task, vision=image, text=text)
 
 
+@pytest.mark.slow
 def test_auto_routing_needs_keys_then_routes_each_sample_and_matches_oracle():
     model = lpi("clip")
     with pytest.raises(ValueError, match="keys"):

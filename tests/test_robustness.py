@@ -3,7 +3,7 @@ between adapters.
 
 Covered elsewhere, not repeated here: a plain BERT given to get_peft_model, task-selection errors of `set_task`,
 task files that are corrupt / truncated / foreign / of another rank, prompt length, depth, width, model type or
-towers (tests/test_lpi_model.py); RGBA / greyscale / palette / odd-sized images and captions over the tokenizer's
+towers (tests/test_tuner_model.py, test_layer.py); RGBA / greyscale / palette / odd-sized images and captions over the tokenizer's
 limit in the collator (tests/test_preprocess.py); an empty training task and a NaN loss (tests/test_trainer.py).
 """
 
@@ -34,12 +34,7 @@ from peft_lpi.io import CheckpointError
 SMALL = dict(prompt_depth=2, prompt_length=3, rank=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 @pytest.fixture(autouse=True)

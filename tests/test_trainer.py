@@ -55,6 +55,7 @@ def factors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.base_model.lpi_prompts["default"].state_dict().items()}
 
 
+@pytest.mark.slow
 def test_two_task_run_trains_freezes_evaluates_and_reports(world, tmp_path):
     tokenizer, processor, data = world
     model = make_model(tokenizer)
@@ -91,6 +92,7 @@ def test_two_task_run_trains_freezes_evaluates_and_reports(world, tmp_path):
     assert (out / "checkpoint" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
     tokenizer, processor, data = world
     reference = ContinualTrainer(
@@ -127,6 +129,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
     assert got["modes"]["auto"]["routing_accuracy"] == expected["modes"]["auto"]["routing_accuracy"]
 
 
+@pytest.mark.slow
 def test_preprocessed_images_give_the_same_run(world, tmp_path):
     """preprocess_images=True (pixel values computed once with datasets.map) changes speed, not results."""
     tokenizer, processor, data = world
@@ -143,6 +146,7 @@ def test_preprocessed_images_give_the_same_run(world, tmp_path):
         assert fast["modes"][mode]["strict"]["matrices"] == plain["modes"][mode]["strict"]["matrices"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(world, tmp_path):
     tokenizer, processor, data = world
     args = make_args(tmp_path, save_steps=1)

@@ -84,6 +84,7 @@ def test_every_caption_word_is_in_the_tokenizer_vocabulary() -> None:
     assert tokenizer.eos_token_id != 2 and ids[0][0] == tokenizer.bos_token_id and ids[0][-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_loads_like_a_real_clip(tmp_path) -> None:
     path = pretrain_backbone(tmp_path / "bb", **TINY)
     model = CLIPModel.from_pretrained(path)
@@ -108,6 +109,7 @@ def test_pretrained_backbone_loads_like_a_real_clip(tmp_path) -> None:
     assert meta["world_seed"] == 0 and meta["steps"] == TINY["steps"] and "i2t_r1" in meta["heldout_generic"]
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_refreshed_on_mismatch(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PEFT_LPI_CACHE", str(tmp_path / "root"))
     assert default_cache_dir(3) == tmp_path / "root" / "world-backbone-v1-seed3"
@@ -126,6 +128,7 @@ def test_cache_is_reused_and_refreshed_on_mismatch(tmp_path, monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("where", ["training", "saving"])
+@pytest.mark.slow
 def test_interrupted_pretraining_leaves_no_folder(tmp_path, monkeypatch, where: str) -> None:
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("interrupted")
@@ -137,6 +140,7 @@ def test_interrupted_pretraining_leaves_no_folder(tmp_path, monkeypatch, where: 
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary folder
 
 
+@pytest.mark.slow
 def test_failed_refresh_keeps_the_previous_backbone(tmp_path, monkeypatch) -> None:
     path = pretrain_backbone(tmp_path / "bb", **TINY)
     monkeypatch.setattr(backbone, "world_image_processor", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))

@@ -91,12 +91,18 @@ class LPIMethod(ContinualMethod):
         return self.tuner.train_task(task)
 
     def training_loss(self, ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: int) -> dict[str, torch.Tensor]:
-        outputs = ddp_model(
-            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        )
-        return self.objective(
-            outputs.image_embeds.float(), outputs.text_embeds.float(), task, sample_ids=batch["caption_ids"]
-        )
+        # One computation of the task's prompts feeds both towers and the prompt losses (reuse_prompts); the task is
+        # chosen for this call only (task_ids), not through the sticky set_task.
+        with self.tuner.reuse_prompts():
+            outputs = ddp_model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                task_ids=task,
+            )
+            return self.objective(
+                outputs.image_embeds.float(), outputs.text_embeds.float(), task, sample_ids=batch["caption_ids"]
+            )
 
     def prompt_free(self) -> Any:
         return self.tuner.prompts_disabled()
@@ -110,10 +116,8 @@ class LPIMethod(ContinualMethod):
         if tasks is None:
             with self.tuner.prompts_disabled():
                 return embedding_of(method(**inputs)).float(), None
-        self.tuner.set_task(tasks)
-        embeds = embedding_of(method(**inputs)).float()
+        embeds = embedding_of(method(**inputs, task_ids=tasks)).float()
         routes = self.tuner.last_routes[modality] if isinstance(tasks, str) else None
-        self.tuner.set_task(0)
         return embeds, routes
 
     def route(self, modality: str, features: torch.Tensor) -> torch.Tensor:

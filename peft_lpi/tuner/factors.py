@@ -13,7 +13,9 @@ W_v2t (D_v+1 -> D_w) and W_t2v (D_w+1 -> D_v) and a LayerNorm per modality.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -163,6 +165,7 @@ class LPIPromptBank(nn.Module):
         )
         self.tasks = nn.ModuleList([LPITaskFactors(**self._factor_kwargs) for _ in range(num_tasks)])
         self._eval_cache: dict[int, tuple[tuple, dict[str, torch.Tensor]]] = {}
+        self._step_cache: dict[int, tuple[tuple, dict[str, torch.Tensor]]] | None = None  # inside reuse_prompts()
         # Task keys: (T, k, D_embed) per modality, zero until the task's keys are built; `has_keys` says which tasks
         # have keys (no NaN sentinels: every buffer stays finite, so saved / reloaded adapters compare with allclose).
         for modality, size in key_sizes.items():
@@ -193,21 +196,46 @@ class LPIPromptBank(nn.Module):
         return {m: torch.stack([p[m] for p in per_task]) for m in self.modalities}
 
     def _prompts_of(self, task: int) -> dict[str, torch.Tensor]:
-        """One task's prompts; under no_grad they are cached until any of its parameters changes.
+        """One task's prompts, computed as rarely as is exact.
+
+        - A task none of whose parameters requires grad (no_grad / inference, or a frozen earlier task during
+          training) gets detached prompts cached until any of its parameters changes.
+        - A task being trained gets prompts with their autograd graph; inside `reuse_prompts()` they are computed
+          once and shared by every caller (both towers, the losses), otherwise recomputed at each call.
 
         The cache key is the parameters' version counters (bumped by every in-place update: optimiser steps,
-        `load_state_dict`, `load_task`), so a cached prompt can never be stale.
+        `load_state_dict`, `load_task`) and the autocast state, so a cached prompt can never be stale.
         """
         factors = self.tasks[task]
-        if torch.is_grad_enabled():
+        params = list(factors.parameters())
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if trainable and self._step_cache is None:
             return factors()
-        versions = tuple((p.data_ptr(), p._version) for p in factors.parameters())
-        cached = self._eval_cache.get(task)
-        if cached is not None and cached[0] == versions:
+        device_type = params[0].device.type if params else "cpu"
+        key = (tuple((p.data_ptr(), p._version) for p in params), torch.is_autocast_enabled(device_type))
+        cache = self._step_cache if trainable else self._eval_cache
+        cached = cache.get(task)
+        if cached is not None and cached[0] == key:
             return cached[1]
-        prompts = {m: p.detach() for m, p in factors().items()}
-        self._eval_cache[task] = (versions, prompts)
+        if trainable:
+            prompts = factors()
+        else:
+            with torch.no_grad():
+                prompts = factors()
+        cache[task] = (key, prompts)
         return prompts
+
+    @contextlib.contextmanager
+    def reuse_prompts(self) -> Iterator[None]:
+        """Inside this block a trained task's prompts (with their graph) are computed once and reused; re-entrant."""
+        if self._step_cache is not None:
+            yield
+            return
+        self._step_cache = {}
+        try:
+            yield
+        finally:
+            self._step_cache = None
 
     def prompts_for_samples(self, modality: str, sample_tasks: torch.Tensor) -> torch.Tensor:
         """Per-sample prompts (B, K, P, D_m): each distinct task computed once, then gathered per sample."""

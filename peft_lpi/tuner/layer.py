@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -21,6 +22,54 @@ except ImportError:  # pragma: no cover - older / newer transformers without thi
     _active_collector = None
 
 PromptSource = Callable[[str, int, int], "torch.Tensor | None"]
+
+# Encoder layers whose forward is exactly `x + attn(ln1(x)); x + mlp(ln2(x))` with CLIP-style q/k/v/out projections
+# (transformers 5 signatures `forward(hidden_states, attention_mask, **kwargs)`): `prefix_attention_layer` runs them
+# with the prompts as extra keys/values only (see there).
+PREFIX_ATTENTION_LAYERS = frozenset({"CLIPEncoderLayer", "SiglipEncoderLayer"})
+
+
+def prefix_attention_layer(
+    layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """One pre-LN encoder layer with the prompts inserted after token 0, computing only what survives the strip.
+
+    The wrapped layer's output at the prompt positions is discarded (VPT-deep), so the prompts only matter as keys
+    and values of the real tokens' attention: their query, attention output, out_proj and MLP rows are never
+    needed. This runs LayerNorm1 and the k/v projections on the P prompt rows and everything else on the L real
+    rows only; the result equals "insert, run the layer, strip" up to float rounding. The key order (prompts last
+    instead of after token 0) does not matter to attention; the mask says who sees them: every real token, except
+    token 0 when causal.
+    """
+    attn = layer.self_attn
+    batch, length, width = hidden.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    normed = layer.layer_norm1(hidden)
+    # per sample even when the whole batch shares one task: projecting (1, P, D) once would round differently from a
+    # per-sample batch of the same task, and a sample's output must not depend on how its task was selected
+    prompt_normed = layer.layer_norm1(prompts)
+
+    def keys_values(proj: nn.Module) -> torch.Tensor:
+        both = torch.cat([proj(normed), proj(prompt_normed)], dim=1)  # (B, L + P, D)
+        return both.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+    query = attn.q_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    key, value = keys_values(attn.k_proj), keys_values(attn.v_proj)
+    num_prompts = prompts.shape[1]
+    attn_mask = None
+    if mask is not None or causal:
+        if mask is None:
+            visible = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()[None, None]
+        else:
+            visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        prompt_columns = visible.new_ones(*visible.shape[:-1], num_prompts)
+        if causal:  # token 0 (BOS) precedes the prompts and cannot see them
+            prompt_columns[..., 0, :] = False
+        attn_mask = torch.cat([visible, prompt_columns], dim=-1)  # (B or 1, 1, L, L + P)
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=attn.scale)
+    hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
 def widen_attention_mask(mask: torch.Tensor | None, num_prompts: int, seq_len: int, causal: bool) -> torch.Tensor | None:
@@ -163,6 +212,9 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
             )
         num_prompts = prompts.shape[1]
         prompts = prompts.to(dtype=hidden.dtype)
+        if self._can_run_prefix_attention(args, kwargs, mask):
+            causal = self.causal or kwargs.get("is_causal") is True
+            return prefix_attention_layer(self.base_layer, hidden, mask, prompts, causal)
         prompted = torch.cat([hidden[:, :1], prompts, hidden[:, 1:]], dim=1)  # (B, L + P, D)
         causal = self.causal or kwargs.get("is_causal") is True
         new_mask = widen_attention_mask(mask, num_prompts, seq_len, causal)
@@ -182,6 +234,31 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
         if collector is not None:
             self._record_hidden_states(collector, hidden, stripped)
         return stripped
+
+    def _can_run_prefix_attention(self, args: tuple, kwargs: dict, mask: Any) -> bool:
+        """Whether this call may take `prefix_attention_layer` (same result, less work) instead of insert/run/strip:
+        a known pre-LN layer with sdpa attention, plain nn.Linear projections, no hooks or output capturing (they
+        would see the layer differently), no gradient checkpointing (it wraps the base layer's own call), and
+        nothing but hidden states, a None / 4-D mask and is_causal as arguments."""
+        layer = self.base_layer
+        if type(layer).__name__ not in PREFIX_ATTENTION_LAYERS or self._parameter_names[:2] != [
+            "hidden_states", "attention_mask"
+        ]:
+            return False
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or getattr(getattr(attn, "config", None), "_attn_implementation", None) != "sdpa":
+            return False
+        if not all(type(getattr(attn, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            return False
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:
+            return False
+        if layer._forward_hooks or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks:
+            return False
+        if _active_collector is not None and _active_collector.get():  # {} when nothing is captured
+            return False
+        if len(args) > 2 or set(kwargs) - {"hidden_states", "attention_mask", "is_causal"}:
+            return False
+        return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
     @staticmethod
     def _strip(output: Any, num_prompts: int) -> Any:

@@ -1,8 +1,8 @@
 """The LPI tuner: a PEFT `BaseTuner` that injects deep prompts into both towers of a dual encoder.
 
 The factors of every task live on the tuner (`lpi_prompts[adapter_name]`, an `LPIPromptBank`), shared by the
-wrapped layers of both towers. Which task's prompts a sample gets is tuner state (`set_task`), because the feature
-methods (`get_image_features`, `get_text_features`) bypass `PeftModel.forward`.
+wrapped layers of both towers. Which task's prompts a sample gets is chosen per call (`task_ids=` on the forward and
+both feature methods, as PEFT's LoRA takes `adapter_names`) or sticky (`set_task`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ def embedding_of(output: Any) -> torch.Tensor:
     raise TypeError(f"Cannot find an embedding in a {type(output).__name__}.")
 
 
+def _drop_task_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook on the base model: `task_ids` is LPI's per-call argument (read by the tuner's forward
+    hooks), never the base model's. PeftModel only filters its own `special_peft_forward_args`."""
+    kwargs.pop("task_ids", None)
+    return args, kwargs
+
+
 class LPIModel(BaseTuner):
     """LPI as a PEFT tuner. Create it with `peft.get_peft_model(model, LPIConfig(...))` after `import peft_lpi`."""
 
@@ -85,6 +92,7 @@ class LPIModel(BaseTuner):
             self._prompt_cache: dict[str, torch.Tensor] = {}
             self._prompts_off = False
             self.last_routes: dict[str, torch.Tensor] = {}  # tasks chosen by the latest "auto" call, per modality
+            self._task_ids_hook = model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
         injection = getattr(config, "injection", "deep")
         towers = find_towers(
             model, config.layer_paths, config.text_causal, required=config.prompted_modalities, injection=injection
@@ -311,6 +319,9 @@ class LPIModel(BaseTuner):
                 replace_block(self.model, name, module.base_layer)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
+        if getattr(self, "_task_ids_hook", None) is not None:
+            self._task_ids_hook.remove()
+            self._task_ids_hook = None
         return self.model
 
     @classmethod
@@ -347,12 +358,21 @@ class LPIModel(BaseTuner):
         return task
 
     def set_task(self, task: TaskSelection) -> None:
-        """Choose whose prompts the next calls use.
+        """Choose whose prompts the next calls use (sticky, until the next `set_task`).
 
         - an int: every sample uses that task;
         - a 1-D integer tensor: one task per sample of the next batch (its length must equal the batch size);
         - "auto": each sample's task is inferred from its prompt-free features and the stored task keys.
+
+        For one call only, pass `task_ids=` to the PeftModel's forward, `get_image_features` or `get_text_features`
+        instead (as PEFT's LoRA takes `adapter_names`); that leaves this setting unchanged.
         """
+        self._task_selection = self._validated_selection(task)
+        self._routes = {}
+        self._prompt_cache.clear()
+
+    def _validated_selection(self, task: TaskSelection) -> TaskSelection:
+        """Check a task selection (int, 1-D integer tensor or "auto") and return it normalised (int / LongTensor)."""
         if isinstance(task, str):
             if task != AUTO:
                 raise ValueError(f"set_task accepts an int, a LongTensor or 'auto', got the string {task!r}.")
@@ -376,9 +396,7 @@ class LPIModel(BaseTuner):
             task = task.long()
         else:
             task = self._check_task_id(task)
-        self._task_selection = task
-        self._routes = {}
-        self._prompt_cache.clear()
+        return task
 
     @property
     def current_task(self) -> TaskSelection:
@@ -576,23 +594,65 @@ class LPIModel(BaseTuner):
         finally:
             self._routes = {}
 
+    # ------------------------------------------------------------------ per-call task selection and prompt reuse
     @contextlib.contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Called by PeftModel.forward around the base model's forward: auto routing happens here."""
-        with self._auto_routes(kwargs):
+    def _task_scope(self, task_ids: TaskSelection | None) -> Iterator[None]:
+        """Select `task_ids` (int, 1-D LongTensor of per-sample ids or "auto") for one call; None keeps `set_task`'s.
+
+        The sticky selection is restored on exit, also when the call raises.
+        """
+        if task_ids is None:
+            yield
+            return
+        selection = self._validated_selection(task_ids)
+        previous, previous_routes = self._task_selection, self._routes
+        self._task_selection, self._routes = selection, {}
+        self._prompt_cache.clear()
+        try:
+            yield
+        finally:
+            self._task_selection, self._routes = previous, previous_routes
+            self._prompt_cache.clear()
+
+    @contextlib.contextmanager
+    def reuse_prompts(self) -> Iterator[None]:
+        """Compute each task's prompts at most once inside this block, with their autograd graph, and reuse them.
+
+        A training step wraps its forward passes and its loss in it, so that both towers and the prompt losses
+        share one computation of the trained task's factors and correlation module (and one backward through
+        them). On exit the prompts are dropped, so the next step, after the optimiser has changed the factors,
+        computes fresh ones; inside, an in-place change of a task's factors also recomputes its prompts. The
+        PeftModel's forward enters it on its own (both towers of one call share their prompts). Re-entrant.
+        """
+        with self.active_bank.reuse_prompts():
             yield
 
-    def get_image_features(self, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        with self._auto_routes({"pixel_values": pixel_values}):
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Called by PeftModel.forward around the base model's forward: per-call `task_ids`, prompt reuse across
+        both towers, and auto routing happen here (`_drop_task_ids` keeps `task_ids` from the base model)."""
+        with self._task_scope(kwargs.get("task_ids")), self.reuse_prompts(), self._auto_routes(kwargs):
+            yield
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, *, task_ids: TaskSelection | None = None, **kwargs: Any
+    ) -> Any:
+        """The base model's image features with the prompts of `task_ids` (this call only; None: `set_task`'s)."""
+        with self._task_scope(task_ids), self._auto_routes({"pixel_values": pixel_values}):
             return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
 
-    def get_video_features(self, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def get_video_features(
+        self, pixel_values: torch.Tensor | None = None, *, task_ids: TaskSelection | None = None, **kwargs: Any
+    ) -> Any:
         """X-CLIP's video features (frames of each video get the video's task)."""
-        with self._auto_routes({"pixel_values": pixel_values}):
+        with self._task_scope(task_ids), self._auto_routes({"pixel_values": pixel_values}):
             return self.model.get_video_features(pixel_values=pixel_values, **kwargs)
 
-    def get_text_features(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        with self._auto_routes({"input_ids": input_ids, **kwargs}):
+    def get_text_features(
+        self, input_ids: torch.Tensor | None = None, *, task_ids: TaskSelection | None = None, **kwargs: Any
+    ) -> Any:
+        """The base model's text features with the prompts of `task_ids` (this call only; None: `set_task`'s)."""
+        with self._task_scope(task_ids), self._auto_routes({"input_ids": input_ids, **kwargs}):
             return self.model.get_text_features(input_ids=input_ids, **kwargs)
 
     # ------------------------------------------------------------------ one task as a standalone file
