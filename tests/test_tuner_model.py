@@ -76,7 +76,9 @@ def test_mixed_task_batch_equals_per_sample(kind, monkeypatch):
     assert len(calls) == 3 and len({id(c) for c in calls}) == 3
     calls.clear()
     image_features(model, batch), text_features(model, batch)  # with grad enabled
-    assert len(calls) == 2 * 3  # with grad: once per distinct task per tower pass, no cache
+    # With grad, outside reuse_prompts(): the training task (0) is recomputed per tower pass; the frozen tasks (1, 2)
+    # come from the cache filled above (their factors did not change).
+    assert len(calls) == 2 and all(c is bank_of(model).tasks[0] for c in calls)
     monkeypatch.setattr(LPITaskFactors, "forward", original)
     for row, task in enumerate(tasks.tolist()):
         model.set_task(task)
