@@ -26,6 +26,7 @@ from .config import LPIConfig
 from .factors import VISION, LPIPromptBank, LPITaskFactors
 from .layer import LPIPromptedLayer
 from .routing import kmeans, nearest_task
+from .shallow import ShallowInjection
 
 AUTO = "auto"
 TaskSelection = int | torch.Tensor | str
@@ -40,6 +41,11 @@ def embedding_of(output: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise TypeError(f"Cannot find an embedding in a {type(output).__name__}.")
+
+
+def _no_layer_prompts(modality: str, layer_index: int, batch: int) -> None:
+    """Prompt source of the pass-through layers of injection='shallow'."""
+    return None
 
 
 class LPIModel(BaseTuner):
@@ -99,10 +105,31 @@ class LPIModel(BaseTuner):
             interaction=config.interaction,
             alpha=config.interaction_alpha,
             factorization=config.factorization,
+            interaction_init=config.interaction_init,
         )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # low_cpu_mem_usage: PEFT builds the factors on the meta device and assigns the loaded tensors later
         self.lpi_prompts[adapter_name] = bank if any(p.is_meta for p in bank.parameters()) else bank.to(device)
+        injections = {self.peft_config[name].injection for name in self.lpi_prompts}
+        if len(injections) > 1:
+            del self.lpi_prompts[adapter_name]
+            raise ValueError(
+                f"All LPI adapters of one model must use the same injection mode, got {sorted(injections)}; load the "
+                "other adapter into a fresh copy of the base model."
+            )
+        if config.injection == "shallow":
+            if getattr(self, "_shallow", None) is None:  # one set of hooks serves every (shallow) adapter
+                self._shallow = ShallowInjection(model, towers, config.prompted_modalities, self._shallow_prompts)
+                self.targeted_module_names.extend(self._shallow.paths.values())
+            for modality in config.prompted_modalities:
+                # a pass-through tuner layer (never inserts anything): PEFT finds its adapter layers through it
+                # (get_model_status, disable_adapter); the prompts enter through the shallow hooks
+                layers = model.get_submodule(towers[modality].layers_path)
+                if not isinstance(layers[0], LPIPromptedLayer):
+                    layers[0] = LPIPromptedLayer(layers[0], modality, 0, towers[modality].causal, _no_layer_prompts)
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+            self._mark_only_adapters_as_trainable(model)
+            return
         for modality in config.prompted_modalities:
             layers = model.get_submodule(towers[modality].layers_path)
             for index in range(depth):
@@ -156,6 +183,8 @@ class LPIModel(BaseTuner):
             self.active_adapter = remaining[0] if remaining else []
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        if getattr(self, "_shallow", None) is not None:
+            self._shallow.enabled = enabled
         for module in self.model.modules():
             if isinstance(module, LPIPromptedLayer):
                 module._disable_adapters = not enabled
@@ -173,6 +202,9 @@ class LPIModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             self.merge_adapter()
+        if getattr(self, "_shallow", None) is not None:
+            self._shallow.remove()
+            self._shallow = None
         for spec in self._towers.values():
             layers = self.model.get_submodule(spec.layers_path)
             for index, layer in enumerate(layers):
@@ -323,6 +355,12 @@ class LPIModel(BaseTuner):
         if layer_index == bank.depth - 1:
             del self._prompt_cache[modality]
         return prompts[:, layer_index]
+
+    def _shallow_prompts(self, modality: str, batch: int) -> torch.Tensor | None:
+        """(B, P, D) layer-0 prompts for injection='shallow' (the only layer whose prompts enter the towers)."""
+        prompts = self._layer_prompts(modality, 0, batch)
+        self._prompt_cache.pop(modality, None)  # no later layer asks for the rest
+        return prompts
 
     @contextlib.contextmanager
     def prompts_disabled(self) -> Iterator[None]:
