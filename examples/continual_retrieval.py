@@ -22,14 +22,16 @@ import sys
 
 # Busy CPUs: spinning OpenMP threads slow every step 4-10x when another process shares the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from peft.config import PeftConfig
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
+from peft_lpi import LPIConfig
 from peft_lpi.continual.baselines import LORA_TARGET_MODULES, build_method
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -88,6 +90,14 @@ class ModelArguments:
     align_weight: float = field(default=0.1, metadata={"help": "Weight of the alignment loss (0 disables it)."})
     task_weight: float = field(default=0.1, metadata={"help": "Weight of the task loss (0 disables it)."})
     routing_metric: str = field(default="l1", metadata={"help": "Routing distance: l1, l2 or cosine."})
+    lpi_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'reference': LPI as the authors' retrieval code computed it (LPIConfig.reference('retrieval'): "
+            "shallow insertion, no correlation module, their loss arithmetic), with this run's --prompt_length, "
+            "--prompt_depth and --rank; the other LPI flags are then ignored."
+        },
+    )
     push_to_hub: str | None = field(
         default=None,
         metadata={"help": "After training, upload the adapter with a model card of the run to this Hub repo "
@@ -201,6 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
         routing_metric=model_args.routing_metric,
         base_model_name_or_path=model_args.model,
     )
+    if model_args.lpi_preset is not None:
+        if model_args.lpi_preset != "reference":
+            sys.exit(f"--lpi_preset takes 'reference', got {model_args.lpi_preset!r}.")
+        keep = ("prompt_length", "prompt_depth", "rank", "base_model_name_or_path")
+        preset = LPIConfig.reference("retrieval", **{k: lpi_kwargs[k] for k in keep})
+        skip = {f.name for f in fields(PeftConfig)} - {"base_model_name_or_path"} | {"num_tasks", "task_names"}
+        lpi_kwargs = {f.name: getattr(preset, f.name) for f in fields(LPIConfig) if f.name not in skip}
     torch.manual_seed(train_args.seed)
     model, method = build_method(
         model_args.method, base, num_tasks, lpi_kwargs, lora_rank=model_args.lora_rank,
