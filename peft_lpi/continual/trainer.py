@@ -26,6 +26,7 @@ from ..data.preprocess import RetrievalCollator, column_values, flatten_captions
 from ..evaluation import continual_metrics, per_task_recall, retrieval_recall
 from ..io import CheckpointError, atomic_directory, recover_directory
 from ..tuner.routing import routing_accuracy
+from ..tuner.shallow import text_prompt_positions
 from .methods import ContinualMethod, LPIMethod
 from .similarity import task_similarity_from_captions, task_similarity_from_names
 
@@ -39,7 +40,7 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class ContinualTrainingArguments:
-    """Settings of a continual run. Defaults follow the authors' COCO protocol (LPI_METHOD.md)."""
+    """Settings of a continual run. Defaults follow the authors' COCO protocol (docs/method.md)."""
 
     output_dir: str = field(default="outputs/lpi", metadata={"help": "Folder for checkpoints, results and plots."})
     epochs: int = field(default=10, metadata={"help": "Epochs per task."})
@@ -151,6 +152,8 @@ class ContinualTrainer:
         self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
         self.model.to(self.accelerator.device)
         limit = _text_token_limit(model, tokenizer)  # longer captions are truncated with a warning, never a crash
+        if limit is not None:  # injection="shallow" puts P prompts into every token sequence
+            limit -= text_prompt_positions(model)
         self.collator = RetrievalCollator(image_processor, tokenizer, train=True, seed=args.seed, max_length=limit)
         self.eval_collator = RetrievalCollator(image_processor, tokenizer, train=False, seed=args.seed, max_length=limit)
         self.task_similarity = task_similarity
@@ -232,7 +235,7 @@ class ContinualTrainer:
         return results
 
     def _compute_task_similarity(self) -> torch.Tensor:
-        """Task semantic similarity with the frozen (prompt-free) text encoder, as LPI_METHOD.md prescribes."""
+        """Task semantic similarity with the frozen (prompt-free) text encoder, as docs/method.md prescribes."""
         with self.method.prompt_free():
             if self.args.similarity_source == "captions":
                 all_captions = column_values(self.train_set, "captions")

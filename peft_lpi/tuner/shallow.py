@@ -71,6 +71,16 @@ def _set_argument(args: tuple, kwargs: dict, position: int | None, name: str, va
     return args, kwargs
 
 
+def text_prompt_positions(model: nn.Module) -> int:
+    """Token positions the active LPI adapter adds to every text sequence: P with injection='shallow' on the text
+    tower, else 0. A caption may then have at most `max_position_embeddings - P` tokens (callers truncate to it)."""
+    tuner = getattr(model, "base_model", model)
+    config = getattr(tuner, "active_config", None) if hasattr(tuner, "lpi_prompts") else None
+    if config is None or getattr(config, "injection", "deep") != "shallow" or "text" not in config.prompted_modalities:
+        return 0
+    return int(config.prompt_length)
+
+
 class ShallowInjection:
     """Forward hooks that insert each prompted tower's layer-0 prompts once and strip them from its output.
 
