@@ -95,8 +95,11 @@ class ModelArguments:
         metadata={
             "help": "'reference': LPI as the authors' retrieval code computed it (LPIConfig.reference('retrieval'): "
             "shallow insertion, no correlation module, their loss arithmetic), with this run's --prompt_length, "
-            "--prompt_depth and --rank; the other LPI flags are then ignored."
+            "--prompt_depth and --rank; the other LPI flags are then ignored (but --task_loss_mode)."
         },
+    )
+    task_loss_mode: str | None = field(
+        default=None, metadata={"help": "LPIConfig.task_loss_mode: 'bce' or 'reference'. Default: the config's."}
     )
     push_to_hub: str | None = field(
         default=None,
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         preset = LPIConfig.reference("retrieval", **{k: lpi_kwargs[k] for k in keep})
         skip = {f.name for f in fields(PeftConfig)} - {"base_model_name_or_path"} | {"num_tasks", "task_names"}
         lpi_kwargs = {f.name: getattr(preset, f.name) for f in fields(LPIConfig) if f.name not in skip}
+    if model_args.task_loss_mode is not None:
+        lpi_kwargs["task_loss_mode"] = model_args.task_loss_mode
     torch.manual_seed(train_args.seed)
     model, method = build_method(
         model_args.method, base, num_tasks, lpi_kwargs, lora_rank=model_args.lora_rank,
