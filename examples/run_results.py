@@ -74,6 +74,9 @@ ABLATIONS = [  # (name, label, flags): run with LPI's learning rate
     *[(f"rank{r}", f"LPI rank {r}", ["--rank", str(r)]) for r in (1, 2, 8, 16)],
     ("depth1", "LPI depth 1 (what the authors' retrieval code ran)", ["--prompt_depth", "1"]),
     ("depth3", "LPI depth 3", ["--prompt_depth", "3"]),
+    # shallow insertion puts P prompts into the 16-position text sequence: P = 4 keeps the world's 11-token captions
+    ("reference-p4", "LPI, reference preset with P=4 (no caption truncation)",
+     ["--lpi_preset", "reference", "--task_loss_mode", "bce", "--prompt_length", "4"]),
 ]
 
 
