@@ -85,6 +85,14 @@ class ModelArguments:
         default=LORA_TARGET_MODULES,
         metadata={"help": "--method lora: PEFT target_modules regex (default: q/k/v/out_proj of both towers)."},
     )
+    lpi_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'reference': LPI as the authors' retrieval code computed it (LPIConfig.reference('retrieval'): "
+            "shallow insertion, no correlation module, their loss arithmetic), with this run's --prompt_length, "
+            "--prompt_depth and --rank; the other LPI flags are then ignored, except --task_loss_mode when given."
+        },
+    )
     push_to_hub: str | None = field(
         default=None,
         metadata={"help": "After training, upload the adapter with a model card of the run to this Hub repo "
@@ -219,6 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(data_args)
     num_tasks = data["train"].features["task"].num_classes
     lpi_kwargs = dataclasses.asdict(lpi_args)  # base_model_name_or_path: PEFT takes the loaded model's own path
+    if model_args.lpi_preset is not None:
+        if model_args.lpi_preset != "reference":
+            sys.exit(f"--lpi_preset takes 'reference', got {model_args.lpi_preset!r}.")
+        given = {a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        keep = ["prompt_length", "prompt_depth", "rank"] + (["task_loss_mode"] if "task_loss_mode" in given else [])
+        preset = LPIConfig.reference("retrieval", **{k: lpi_kwargs[k] for k in keep})
+        lpi_kwargs = {k: getattr(preset, k) for k in lpi_kwargs}
     torch.manual_seed(train_args.seed)
     model, method = build_method(
         model_args.method, base, num_tasks, lpi_kwargs, lora_rank=model_args.lora_rank,

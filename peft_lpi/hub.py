@@ -41,10 +41,11 @@ DEFAULT_COMMIT_MESSAGE = "Upload LPI adapter"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # Config fields shown in the card, in this order (the rest of LPIConfig is PEFT bookkeeping).
 _CARD_CONFIG_FIELDS = (
-    "num_tasks", "prompt_length", "prompt_depth", "rank", "towers", "share_layer_factor", "init_std", "interaction",
-    "interaction_alpha", "align_weight", "align_layer_temperature", "align_token_temperature", "align_normalize",
-    "task_weight", "task_temperature", "task_similarity_threshold", "task_loss_double_sigmoid", "num_keys",
-    "routing_metric", "layer_paths", "text_causal", "format_version",
+    "num_tasks", "prompt_length", "prompt_depth", "injection", "rank", "towers", "share_layer_factor", "init_std",
+    "interaction", "interaction_alpha", "interaction_init", "align_weight", "align_layer_temperature",
+    "align_token_temperature", "align_token_weight", "align_normalize", "task_weight", "task_temperature",
+    "task_similarity_threshold", "task_loss_double_sigmoid", "task_loss_mode", "num_keys", "routing_metric",
+    "layer_paths", "text_causal", "format_version",
 )
 
 

@@ -266,7 +266,8 @@ def test_results_table_is_built_from_run_folders(runs, tmp_path):
     best = run_results.best_learning_rates(tmp_path, {})
     assert best == {"lpi": 0.05, "joint": 0.05}  # only LPI was swept here; joint follows LPI
     assert run_results.best_learning_rates(tmp_path, {"lpi": 0.002})["lpi"] == 0.002  # --lr overrides
-    assert [row.name for row in run_results.main_rows(best)] == ["zero-shot", "lpi-lr0.05", "joint-lr0.05"]
+    assert [row.name for row in run_results.main_rows(best)] == [
+        "zero-shot", "lpi-lr0.05", "lpi-reference-lr0.05", "joint-lr0.05"]  # the reference preset at LPI's rate
     assert all("--learning_rate" in row.args and "0.05" in row.args for row in run_results.ablation_rows(best))
 
     text = run_results.table(tmp_path, quick=True, best=best)

@@ -21,6 +21,7 @@ __all__ = [
     "gather_with_grad",
     "hierarchical_alignment_loss",
     "sigmoid_loss",
+    "reference_task_loss",
     "task_contrastive_loss",
 ]
 
@@ -216,21 +217,26 @@ def hierarchical_alignment_loss(
     prompts_v: Tensor,
     prompts_w: Tensor,
     *,
-    layer_temperature: float = 0.01,
-    token_temperature: float = 0.01,
+    layer_temperature: float = 1e-4,
+    token_temperature: float = 1e-4,
     normalize: bool = False,
     layer_weight: float = 1.0,
-    token_weight: float = 1.0,
+    token_weight: float = 0.0,
 ) -> dict[str, Tensor]:
     """Hierarchical low-rank contrastive alignment (L_align) of one task's visual and textual prompts.
 
     Args:
-        prompts_v: (K, P, D_v) visual prompts (K prompted layers, P tokens).
-        prompts_w: (K, P, D_w) textual prompts.
-        layer_temperature / token_temperature: logits are divided by these (reference: 0.01, un-normalised).
-        normalize: L2-normalise the compared rows first (cosine; the authors' grounding code used cosine x 100,
-            i.e. temperature 0.01 with `normalize=True`).
-        layer_weight / token_weight: weights of the two levels in "total".
+        prompts_v: (K, P, D_v) visual prompts (K prompted layers, P tokens): the RAW CP prompts, before the
+            correlation module (its LayerNorm makes the hidden-axis mean of every row exactly 0, which would leave
+            nothing to align; see docs/method.md).
+        prompts_w: (K, P, D_w) textual prompts (raw as well).
+        layer_temperature / token_temperature: logits = u_v . u_w / tau. The authors' retrieval code divides EACH
+            side by 0.01, i.e. tau = 0.01**2 = 1e-4 (the default); their grounding code uses cosine x 100, i.e.
+            `normalize=True` with tau = 0.01.
+        normalize: L2-normalise the compared rows first (over the P axis for the layer level, over the K axis for
+            the token level).
+        layer_weight / token_weight: weights of the two levels in "total". The token level exists in neither of the
+            authors' code bases (an extension of ours), so its default weight is 0.
 
     Each modality is reduced over its hidden axis (mean) to u_v, u_w in R^{K x P}.
     * Layer level: logits = u_v @ u_w.T / tau (K x K), symmetric cross-entropy, layer l <-> layer l.
@@ -268,6 +274,7 @@ def task_contrastive_loss(
     current_task: int,
     temperature: float = 0.001,
     double_sigmoid: bool = False,
+    mode: str = "bce",
 ) -> Tensor:
     """Task contrastive constraint (L_task) between the prompts of the tasks seen so far, for one modality.
 
@@ -279,7 +286,10 @@ def task_contrastive_loss(
             gradient (earlier tasks stay frozen).
         temperature: cosine similarities are divided by it (retrieval reference: 0.001).
         double_sigmoid: reproduce the reference code's bug, BCE-with-logits applied to sigmoid(G / tau) (a probability
-            treated as a logit). Off by default.
+            treated as a logit). Off by default. Only meaningful with mode="bce".
+        mode: "bce" (default): the corrected loss described below. "reference": the authors' `nt_bxent_loss`
+            exactly (see `reference_task_loss`): double sigmoid, and the diagonal is NOT excluded: each task's
+            self-similarity is +inf and counts as a positive, and a row without negatives gives NaN.
 
     G = cosine similarities of the rows (T' x T'), diagonal excluded. Per row: mean BCE-with-logits(G/tau, 1) over
     its positives plus mean BCE-with-logits(G/tau, 0) over its negatives; a row without positives (or negatives)
@@ -296,10 +306,14 @@ def task_contrastive_loss(
         raise ValueError(f"targets must be ({num}, {num}) for {num} tasks, got {tuple(targets.shape)}.")
     if not 0 <= current_task < num:
         raise ValueError(f"current_task={current_task} is not a row of the {num} prompts.")
+    if mode not in ("bce", "reference"):
+        raise ValueError(f"mode must be 'bce' or 'reference', got {mode!r}.")
 
     is_current = torch.zeros(num, 1, dtype=torch.bool, device=prompts.device)
     is_current[current_task] = True
     x = torch.where(is_current, prompts, prompts.detach()).to(dtype)  # (T', F) grad only through current row
+    if mode == "reference":
+        return reference_task_loss(x, targets, temperature)
     x = F.normalize(x, dim=-1)
     logits = x @ x.T / temperature  # (T', T') cosine / tau
     if double_sigmoid:
@@ -315,3 +329,31 @@ def task_contrastive_loss(
     row_neg = (F.softplus(logits) * neg).sum(dim=1) / n_neg.clamp_min(1)
     valid = ((n_pos + n_neg) > 0).to(dtype)  # rows with neither term contribute nothing
     return ((row_pos + row_neg) * valid).sum() / valid.sum().clamp_min(1)
+
+
+def reference_task_loss(prompts: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """The authors' task loss (`nt_bxent_loss`), reproduced exactly, for comparisons with their numbers.
+
+    `prompts` (T', F) as in `task_contrastive_loss`; `targets` (T', T') bool positives (the diagonal is forced to
+    True: the reference thresholds a similarity matrix whose diagonal is 1). Cosine similarities G with the diagonal
+    set to +inf; per pair BCE-with-logits(sigmoid(G / tau), Y) (the sigmoid applied twice); per row the mean over
+    its positives (the diagonal included: softplus(-1) = 0.313 added to the sum and 1 to the count) plus the mean
+    over its negatives (0 / 0 = NaN for a row without negatives); mean over rows. Not for training: the NaN rows and
+    the constant diagonal term are the reasons our default ("bce") differs.
+    """
+    num = prompts.shape[0]
+    dtype = _compute_dtype(prompts)
+    x = prompts.to(dtype)
+    eye = torch.eye(num, dtype=torch.bool, device=x.device)
+    norms = x.norm(dim=-1)
+    cosine = (x @ x.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-8)  # F.cosine_similarity, eps 1e-8
+    cosine = cosine.masked_fill(eye, float("inf"))
+    target = (targets.to(device=x.device, dtype=torch.bool) | eye).to(dtype)
+    prob = torch.sigmoid(cosine / temperature)
+    loss = F.binary_cross_entropy_with_logits(prob, target, reduction="none")  # (T', T')
+    pos = target.bool()
+    loss_pos = torch.where(pos, loss, torch.zeros((), dtype=dtype, device=x.device)).sum(dim=1)
+    loss_neg = torch.where(~pos, loss, torch.zeros((), dtype=dtype, device=x.device)).sum(dim=1)
+    num_pos = target.sum(dim=1)
+    num_neg = num - num_pos
+    return ((loss_pos / num_pos) + (loss_neg / num_neg)).mean()

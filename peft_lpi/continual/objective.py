@@ -40,6 +40,23 @@ def base_contrastive_loss(
     return contrastive_loss(image_embeds, text_embeds, scale, sample_ids=sample_ids, gather=gather)
 
 
+def alignment_terms(config: LPIConfig, raw_vision: torch.Tensor, raw_text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L_align of one task from its RAW CP prompts (K, P, D_m) with the config's temperatures and weights.
+
+    Returns {"layer", "token", "total"}; total = layer + align_token_weight * token (align_weight is applied by the
+    caller). See docs/method.md for the arithmetic and why the defaults reproduce the reference's gradient.
+    """
+    return hierarchical_alignment_loss(
+        raw_vision,
+        raw_text,
+        layer_temperature=config.align_layer_temperature,
+        token_temperature=config.align_token_temperature,
+        normalize=config.align_normalize,
+        layer_weight=1.0,
+        token_weight=config.align_token_weight,
+    )
+
+
 class LPIObjective:
     """Computes the LPI loss of one batch of the task being trained.
 
@@ -73,14 +90,9 @@ class LPIObjective:
         zero = terms["contrastive"].new_zeros(())
         both = len(self.tuner.active_bank.modalities) == 2
         if config.align_weight > 0 and both:
-            prompts = self.tuner.task_prompts([task])
-            align = hierarchical_alignment_loss(
-                prompts["vision"][0],
-                prompts["text"][0],
-                layer_temperature=config.align_layer_temperature,
-                token_temperature=config.align_token_temperature,
-                normalize=config.align_normalize,
-            )
+            # the RAW CP prompts: after the correlation module's LayerNorm their hidden-axis mean is exactly 0
+            raw = self.tuner.active_bank.task_raw_prompts(torch.tensor([task]))
+            align = alignment_terms(config, raw["vision"][0], raw["text"][0])
             terms["align_layer"], terms["align_token"], terms["align"] = align["layer"], align["token"], align["total"]
         else:
             terms["align_layer"] = terms["align_token"] = terms["align"] = zero
@@ -104,6 +116,7 @@ class LPIObjective:
                 current_task=task,
                 temperature=self.config.task_temperature,
                 double_sigmoid=self.config.task_loss_double_sigmoid,
+                mode=self.config.task_loss_mode,
             )
             for p in prompts.values()
         ]

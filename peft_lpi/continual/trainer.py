@@ -38,6 +38,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..data.preprocess import RetrievalCollator, column_values, flatten_captions, text_token_limit, with_pixel_values
 from ..report import jsonable, write_report
+from ..tuner.shallow import text_prompt_positions
 from .checkpointing import CHECKPOINT_DIR, Checkpointer, TrainerState
 from .evaluator import RetrievalEvaluator, StageEvaluator, encode_sharded
 from .methods import ContinualMethod, LPIMethod
@@ -54,7 +55,7 @@ class TrainingDivergedError(RuntimeError):
 class ContinualTrainingArguments:
     """Settings of a continual run, named as transformers' `TrainingArguments` names them where one exists.
 
-    Defaults follow the authors' COCO protocol (LPI_METHOD.md)."""
+    Defaults follow the authors' COCO protocol (docs/method.md)."""
 
     output_dir: str = field(default="outputs/lpi", metadata={"help": "Folder for checkpoints, results and plots."})
     num_train_epochs: int = field(default=10, metadata={"help": "Epochs per task."})
@@ -160,6 +161,8 @@ class ContinualTrainer:
         self.output_dir = Path(args.output_dir)
         self.model.to(self.accelerator.device)
         limit = text_token_limit(model, tokenizer)  # longer captions are truncated with a warning, never a crash
+        if limit is not None:  # injection="shallow" puts P prompts into every token sequence
+            limit -= text_prompt_positions(model)
         self.collator = data_collator or RetrievalCollator(
             image_processor, tokenizer, train=True, seed=args.seed, max_length=limit
         )
@@ -323,7 +326,7 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ task similarity and keys
     def _compute_task_similarity(self) -> torch.Tensor:
-        """Task semantic similarity with the frozen (prompt-free) text encoder, as LPI_METHOD.md prescribes."""
+        """Task semantic similarity with the frozen (prompt-free) text encoder, as docs/method.md prescribes."""
         with self.method.prompt_free():
             if self.args.similarity_source == "captions":
                 all_captions = column_values(self.train_set, "captions")

@@ -236,8 +236,8 @@ def stage_averaged(R: AccuracyMatrix) -> float:
 def forgetting(R: AccuracyMatrix) -> float:
     """Average forgetting: per task t < last, best accuracy at stages t..last-1 minus the last stage's accuracy.
 
-    Sign: positive means the task was forgotten (0 = nothing lost). (`LPI_METHOD.md` words it as "last minus best
-    earlier", the negative of this.) Returns 0.0 with a single stage, where nothing can be forgotten yet.
+    Sign: positive means the task was forgotten (0 = nothing lost). (The method specification words it as "last minus
+    best earlier", the negative of this; docs/method.md.) Returns 0.0 with a single stage, where nothing can be forgotten yet.
     """
     matrix = _as_matrix(R)
     last = matrix.shape[0] - 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -29,6 +29,9 @@ LPI_CONFIG_FORMAT_VERSION = 1
 _TOWERS = ("both", "vision", "text")
 _INJECTIONS = ("deep", "shallow", "additive")
 _ROUTING_METRICS = ("l1", "l2", "cosine")
+_TASK_LOSS_MODES = ("bce", "reference")
+_INTERACTION_INITS = ("normal", "kaiming_uniform")
+_REFERENCE_TASKS = ("retrieval", "grounding")
 
 
 @dataclass
@@ -48,22 +51,28 @@ class LPIConfig(PeftConfig):
     prompt_depth: int = field(
         default=9,
         metadata={
-            "help": "K: number of leading encoder layers of each tower that receive prompts (VPT-deep). Capped by "
-            "the shallower prompted tower. 1 reproduces what the authors' retrieval code actually ran."
+            "help": "K: number of prompted layers, i.e. rows of the layer factor A. With injection='deep' the first K "
+            "encoder layers of each tower receive their prompts (VPT-deep; capped by the shallower prompted tower). "
+            "With injection='shallow' only layer 0's prompts enter the towers but all K rows still enter the "
+            "alignment and task losses (as in the authors' retrieval code, K = 9)."
+        },
+    )
+    injection: Literal["deep", "shallow", "additive"] = field(
+        default="deep",
+        metadata={
+            "help": "Where prompts enter the towers. 'deep' (VPT-deep): before each of the first K layers, inserted "
+            "after token 0 and removed after the layer. 'shallow' (VPT-shallow, what the authors' retrieval code "
+            "ran): once, before the first layer — visual prompts after CLS ahead of the pre-LayerNorm, without "
+            "position embedding; text prompts in place of P placeholder token embeddings after BOS, with position "
+            "embeddings — kept through the whole tower and removed from its output. 'additive' (what the authors' "
+            "grounding code does on Swin): each of the first K layers' prompts are added to fixed token positions "
+            "(the first P after token 0; the top-left window of a Swin stage's map, the prompt reshaped to that "
+            "stage's width), for towers that cannot take extra tokens (Swin) and as an alternative on others."
         },
     )
     rank: int = field(default=4, metadata={"help": "r: rank of the CP decomposition of each task's prompts."})
     towers: Literal["both", "vision", "text"] = field(
         default="both", metadata={"help": "Which towers receive prompts: 'both' (LPI), 'vision' or 'text'."}
-    )
-    injection: Literal["deep", "shallow", "additive"] = field(
-        default="deep",
-        metadata={
-            "help": "How prompts enter a prompted layer. 'deep': P extra tokens inserted after token 0 (VPT-deep). "
-            "'additive': the prompts are added to fixed token positions (the first P after token 0; the top-left "
-            "window of a Swin stage's map, the prompt reshaped to that stage's width), for towers that cannot take "
-            "extra tokens (Swin) and as an alternative on others."
-        },
     )
     share_layer_factor: bool = field(
         default=True,
@@ -90,10 +99,39 @@ class LPIConfig(PeftConfig):
     interaction_alpha: float = field(
         default=0.1, metadata={"help": "a: mixing coefficient of the correlation module (reference: 0.1)."}
     )
+    interaction_init: Literal["normal", "kaiming_uniform"] = field(
+        default="normal",
+        metadata={
+            "help": "Init of the correlation module's CP factors. 'normal': N(0, init_std^2) like the prompt factors "
+            "(std 0.5). 'kaiming_uniform': U(-1/sqrt(r), 1/sqrt(r)) (std 0.29 at r = 4), the authors' grounding code."
+        },
+    )
     # Objective (used by `LPIObjective`; stored here so a saved adapter documents how it was trained).
-    align_weight: float = field(default=0.1, metadata={"help": "w_align: weight of the hierarchical alignment loss."})
-    align_layer_temperature: float = field(default=0.01, metadata={"help": "tau of the layer-level alignment."})
-    align_token_temperature: float = field(default=0.01, metadata={"help": "tau of the token-level alignment."})
+    align_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "w_align: weight of the hierarchical alignment loss (reference: 0.1). It compares the RAW CP "
+            "prompts (before the correlation module, whose LayerNorm zeroes their hidden-axis mean)."
+        },
+    )
+    align_layer_temperature: float = field(
+        default=1e-4,
+        metadata={
+            "help": "tau of the layer-level alignment: logits = u_v . u_w / tau. 1e-4 is the authors' retrieval "
+            "arithmetic (each side divided by 0.01); it gives the loss the gradient the reference has. With "
+            "align_normalize=True (cosine) the grounding reference uses 0.01."
+        },
+    )
+    align_token_temperature: float = field(
+        default=1e-4, metadata={"help": "tau of the token-level alignment (same arithmetic as the layer level)."}
+    )
+    align_token_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the token-level alignment term inside L_align (the layer level has weight 1). 0 by "
+            "default: neither of the authors' code bases has a token level (an extension of ours, unmeasured)."
+        },
+    )
     align_normalize: bool = field(
         default=False,
         metadata={"help": "L2-normalise the reduced prompts before alignment (False reproduces the retrieval code)."},
@@ -105,7 +143,18 @@ class LPIConfig(PeftConfig):
     )
     task_loss_double_sigmoid: bool = field(
         default=False,
-        metadata={"help": "Reproduce the authors' bug of applying the sigmoid twice in the task loss (compat only)."},
+        metadata={
+            "help": "Apply the sigmoid twice in the corrected task loss (the authors' bug alone; the diagonal stays "
+            "excluded). task_loss_mode='reference' reproduces their loss exactly."
+        },
+    )
+    task_loss_mode: Literal["bce", "reference"] = field(
+        default="bce",
+        metadata={
+            "help": "'bce': our corrected task loss (BCE-with-logits once, diagonal excluded). 'reference': the "
+            "authors' nt_bxent_loss exactly (double sigmoid; each task's self-similarity +inf counted as a "
+            "positive; NaN for a row without negatives) — for comparisons with their numbers, not for training."
+        },
     )
     # Task identity at inference.
     num_keys: int = field(default=5, metadata={"help": "k of the k-means task keys per task and modality."})
@@ -178,6 +227,14 @@ class LPIConfig(PeftConfig):
             raise ValueError(f"LPIConfig.injection must be one of {_INJECTIONS}, got {self.injection!r}.")
         if self.factorization not in ("cp", "full"):
             raise ValueError(f"LPIConfig.factorization must be 'cp' or 'full', got {self.factorization!r}.")
+        if self.task_loss_mode not in _TASK_LOSS_MODES:
+            raise ValueError(f"LPIConfig.task_loss_mode must be one of {_TASK_LOSS_MODES}, got {self.task_loss_mode!r}.")
+        if self.interaction_init not in _INTERACTION_INITS:
+            raise ValueError(
+                f"LPIConfig.interaction_init must be one of {_INTERACTION_INITS}, got {self.interaction_init!r}."
+            )
+        if self.align_token_weight < 0:
+            raise ValueError(f"LPIConfig.align_token_weight must be >= 0, got {self.align_token_weight}.")
         if self.routing_metric not in _ROUTING_METRICS:
             raise ValueError(f"LPIConfig.routing_metric must be one of {_ROUTING_METRICS}, got {self.routing_metric!r}.")
         if not self.init_std > 0:
@@ -196,6 +253,66 @@ class LPIConfig(PeftConfig):
                 f"This adapter was written by a newer peft_lpi (format version {self.format_version}; this install "
                 f"reads up to {LPI_CONFIG_FORMAT_VERSION}). Upgrade with `pip install -U peft_lpi`."
             )
+
+    @classmethod
+    def reference(cls, task: str = "retrieval", **overrides: Any) -> LPIConfig:
+        """A config whose every setting reproduces the authors' code for `task` ("retrieval" or "grounding").
+
+        For comparisons with the paper's tables; our recommended defaults differ where the reference has a defect
+        (see the table in docs/method.md). `overrides` replace any field (e.g. `num_tasks=12`).
+
+        retrieval (CLIP, S-Prompts code base): K = 9 rows of A, P = 16, r = 4, factors N(0, 0.5^2); shallow
+        injection (only layer 0's prompts enter, and stay through the towers); no correlation module; alignment on
+        the raw prompts, un-normalised, each side / 0.01 (tau = 1e-4), weight 0.1, no token level; task loss
+        exactly as theirs (tau 0.001, threshold 0.4, weight 0.1); k = 5 L1 keys.
+        grounding (GLIP): K = 9, P = 16, r = 4; correlation module (a = 0.1, kaiming-uniform init); alignment
+        L2-normalised over P, cosine x 100 (tau = 0.01), weight 0.1; task loss as theirs with tau 0.01; k = 5 L1
+        keys; the Swin tower takes prompts additively (injection "additive" where this build has it).
+        """
+        if task not in _REFERENCE_TASKS:
+            raise ValueError(f"LPIConfig.reference(task) needs task in {_REFERENCE_TASKS}, got {task!r}.")
+        settings: dict[str, Any] = dict(
+            prompt_length=16,
+            prompt_depth=9,
+            rank=4,
+            towers="both",
+            share_layer_factor=True,
+            factorization="cp",
+            init_std=0.5,
+            align_weight=0.1,
+            align_token_weight=0.0,
+            task_weight=0.1,
+            task_similarity_threshold=0.4,
+            task_loss_mode="reference",
+            task_loss_double_sigmoid=True,
+            num_keys=5,
+            routing_metric="l1",
+        )
+        if task == "retrieval":
+            settings.update(
+                injection="shallow",
+                interaction=False,
+                align_layer_temperature=1e-4,
+                align_token_temperature=1e-4,
+                align_normalize=False,
+                task_temperature=0.001,
+            )
+        else:
+            settings.update(
+                injection="additive",  # the authors add prompts to Swin's top-left window and BERT's first tokens
+                interaction=True,
+                interaction_alpha=0.1,
+                interaction_init="kaiming_uniform",
+                align_layer_temperature=0.01,
+                align_token_temperature=0.01,
+                align_normalize=True,
+                task_temperature=0.01,
+            )
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"LPIConfig.reference got unknown fields {sorted(unknown)}.")
+        settings.update(overrides)
+        return cls(**settings)
 
     @property
     def prompted_modalities(self) -> tuple[str, ...]:

@@ -1,6 +1,6 @@
 """The prompt factors of LPI: per-task CP factors, the multi-modal correlation module, and prompt generation.
 
-For task t, K prompted layers, P tokens, rank r and hidden sizes D_v, D_w (LPI_METHOD.md):
+For task t, K prompted layers, P tokens, rank r and hidden sizes D_v, D_w (docs/method.md):
 
     A_t    (K, r)      layer factor, shared by both modalities (the cross-modal interaction)
     B_t^m  (P, r)      token factor of modality m
@@ -31,18 +31,41 @@ class CorrelationModule(nn.Module):
 
     The LayerNorms' affine weight starts at the expected std of the CP prompts (init_std**3 / sqrt(r)), so the module
     keeps the prompt scale at initialisation instead of inflating prompts of ~0.06 to unit variance.
+
+    `init`: how the six CP factors of the maps start. "normal": N(0, init_std^2) like the prompt factors (ours;
+    std 0.5). "kaiming_uniform": `nn.init.kaiming_uniform_(a=sqrt(5))`, i.e. U(-1/sqrt(r), 1/sqrt(r)) (std 0.29 at
+    r = 4), as the authors' grounding code (the default init of its parameters).
     """
 
-    def __init__(self, depth: int, vision_size: int, text_size: int, rank: int, init_std: float, alpha: float):
+    def __init__(
+        self,
+        depth: int,
+        vision_size: int,
+        text_size: int,
+        rank: int,
+        init_std: float,
+        alpha: float,
+        init: str = "normal",
+    ):
         super().__init__()
+        if init not in ("normal", "kaiming_uniform"):
+            raise ValueError(f"Correlation init must be 'normal' or 'kaiming_uniform', got {init!r}.")
         self.rank, self.alpha = rank, alpha
         layers = depth - 1
-        self.v2t_layer = nn.Parameter(torch.randn(layers, rank) * init_std)
-        self.v2t_in = nn.Parameter(torch.randn(vision_size + 1, rank) * init_std)
-        self.v2t_out = nn.Parameter(torch.randn(text_size, rank) * init_std)
-        self.t2v_layer = nn.Parameter(torch.randn(layers, rank) * init_std)
-        self.t2v_in = nn.Parameter(torch.randn(text_size + 1, rank) * init_std)
-        self.t2v_out = nn.Parameter(torch.randn(vision_size, rank) * init_std)
+
+        def factor(rows: int) -> nn.Parameter:
+            if init == "normal":
+                return nn.Parameter(torch.randn(rows, rank) * init_std)
+            weight = torch.empty(rows, rank)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            return nn.Parameter(weight)
+
+        self.v2t_layer = factor(layers)
+        self.v2t_in = factor(vision_size + 1)
+        self.v2t_out = factor(text_size)
+        self.t2v_layer = factor(layers)
+        self.t2v_in = factor(text_size + 1)
+        self.t2v_out = factor(vision_size)
         prompt_std = init_std**3 / math.sqrt(rank)
         self.vision_norm = nn.LayerNorm(vision_size)
         self.text_norm = nn.LayerNorm(text_size)
@@ -84,6 +107,7 @@ class LPITaskFactors(nn.Module):
         interaction: bool,
         alpha: float,
         factorization: str = "cp",
+        interaction_init: str = "normal",
     ):
         super().__init__()
         self.rank = rank
@@ -108,7 +132,7 @@ class LPITaskFactors(nn.Module):
         self.correlation = None
         if interaction and len(self.modalities) == 2 and depth > 1:
             self.correlation = CorrelationModule(
-                depth, hidden_sizes[VISION], hidden_sizes[TEXT], rank, init_std, alpha
+                depth, hidden_sizes[VISION], hidden_sizes[TEXT], rank, init_std, alpha, interaction_init
             )
 
     def layer_factor_of(self, modality: str) -> torch.Tensor:
@@ -148,6 +172,7 @@ class LPIPromptBank(nn.Module):
         interaction: bool = True,
         alpha: float = 0.1,
         factorization: str = "cp",
+        interaction_init: str = "normal",
     ):
         super().__init__()
         self.depth, self.prompt_length, self.rank = depth, prompt_length, rank
@@ -162,6 +187,7 @@ class LPIPromptBank(nn.Module):
             interaction=interaction,
             alpha=alpha,
             factorization=factorization,
+            interaction_init=interaction_init,
         )
         self.tasks = nn.ModuleList([LPITaskFactors(**self._factor_kwargs) for _ in range(num_tasks)])
         self._eval_cache: dict[int, tuple[tuple, dict[str, torch.Tensor]]] = {}
@@ -236,6 +262,15 @@ class LPIPromptBank(nn.Module):
             yield
         finally:
             self._step_cache = None
+
+    def task_raw_prompts(self, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """RAW CP prompts (before the correlation module) of the given tasks: {modality: (len(task_ids), K, P, D_m)}.
+
+        What the alignment loss compares (docs/method.md): after the correlation module's LayerNorm the hidden-axis
+        mean of every prompt row is exactly 0.
+        """
+        ids = [int(t) for t in torch.as_tensor(task_ids).reshape(-1).tolist()]
+        return {m: torch.stack([self.tasks[t].raw_prompts(m) for t in ids]) for m in self.modalities}
 
     def prompts_for_samples(self, modality: str, sample_tasks: torch.Tensor) -> torch.Tensor:
         """Per-sample prompts (B, K, P, D_m): each distinct task computed once, then gathered per sample."""

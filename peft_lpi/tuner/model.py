@@ -27,6 +27,7 @@ from .config import LPIConfig
 from .factors import VISION, LPIPromptBank, LPITaskFactors
 from .layer import LPIPromptedLayer
 from .routing import kmeans, nearest_task
+from .shallow import ShallowInjection
 
 AUTO = "auto"
 TaskSelection = int | torch.Tensor | str
@@ -55,6 +56,11 @@ def _drop_task_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
     hooks), never the base model's. PeftModel only filters its own `special_peft_forward_args`."""
     kwargs.pop("task_ids", None)
     return args, kwargs
+
+
+def _no_layer_prompts(modality: str, layer_index: int, batch: int) -> None:
+    """Prompt source of the pass-through layers of injection='shallow'."""
+    return None
 
 
 class LPIModel(BaseTuner):
@@ -121,13 +127,27 @@ class LPIModel(BaseTuner):
             interaction=config.interaction,
             alpha=config.interaction_alpha,
             factorization=config.factorization,
+            interaction_init=config.interaction_init,
         )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # low_cpu_mem_usage: PEFT builds the factors on the meta device and assigns the loaded tensors later
         self.lpi_prompts[adapter_name] = bank if any(p.is_meta for p in bank.parameters()) else bank.to(device)
+        injections = {self.peft_config[name].injection for name in self.lpi_prompts}
+        if len(injections) > 1:
+            del self.lpi_prompts[adapter_name]
+            raise ValueError(
+                f"All LPI adapters of one model must use the same injection mode, got {sorted(injections)}; load the "
+                "other adapter into a fresh copy of the base model."
+            )
+        if config.injection == "shallow" and getattr(self, "_shallow", None) is None:
+            # one set of hooks serves every (shallow) adapter; the prompts enter through them, and layer 0 gets a
+            # pass-through tuner layer (never inserts anything) through which PEFT finds the adapter layers
+            # (get_model_status, disable_adapter)
+            self._shallow = ShallowInjection(model, towers, config.prompted_modalities, self._shallow_prompts)
+            self.targeted_module_names.extend(self._shallow.paths.values())
         for modality in config.prompted_modalities:
             spec = towers[modality]
-            for index in range(depth):
+            for index in range(1 if config.injection == "shallow" else depth):
                 path = spec.block_path(index)
                 layer = model.get_submodule(path)
                 if isinstance(layer, LPIPromptedLayer):
@@ -136,6 +156,8 @@ class LPIModel(BaseTuner):
                     wrapped = LPIAdditiveLayer(
                         layer, modality, index, spec.causal, self._layer_prompts, spatial=spec.spatial
                     )
+                elif injection == "shallow":
+                    wrapped = LPIPromptedLayer(layer, modality, index, spec.causal, _no_layer_prompts)
                 else:
                     wrapped = LPIPromptedLayer(layer, modality, index, spec.causal, self._layer_prompts)
                 wrapped.training_factors_source = self._training_factors_view
@@ -289,6 +311,8 @@ class LPIModel(BaseTuner):
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         """Disabled layers add no prompts and nothing trains (like LoRA); enabling restores the trainability state."""
+        if getattr(self, "_shallow", None) is not None:
+            self._shallow.enabled = enabled
         for module in self._prompted_layers():
             module._disable_adapters = not enabled
         self._apply_trainability()
@@ -314,6 +338,9 @@ class LPIModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             self.merge_adapter()
+        if getattr(self, "_shallow", None) is not None:
+            self._shallow.remove()
+            self._shallow = None
         for name, module in list(self.model.named_modules()):
             if isinstance(module, LPIPromptedLayer):
                 replace_block(self.model, name, module.base_layer)
@@ -494,6 +521,12 @@ class LPIModel(BaseTuner):
         if layer_index == bank.depth - 1:
             del self._prompt_cache[modality]
         return prompts[:, layer_index]
+
+    def _shallow_prompts(self, modality: str, batch: int) -> torch.Tensor | None:
+        """(B, P, D) layer-0 prompts for injection='shallow' (the only layer whose prompts enter the towers)."""
+        prompts = self._layer_prompts(modality, 0, batch)
+        self._prompt_cache.pop(modality, None)  # no later layer asks for the rest
+        return prompts
 
     @contextlib.contextmanager
     def prompts_disabled(self) -> Iterator[None]:

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import hierarchical_alignment_loss, task_contrastive_loss
+from ..losses import task_contrastive_loss
 from ..methods import LPIMethod
-from ..objective import base_contrastive_loss
+from ..objective import alignment_terms, base_contrastive_loss
 from ..similarity import similarity_targets
 from ._common import _as_group
 
@@ -57,19 +57,12 @@ class JointMethod(LPIMethod):
         terms = {"contrastive": base_contrastive_loss(tuner.model, image_embeds, text_embeds, sample_ids=sample_ids)}
         zero = terms["contrastive"].new_zeros(())
         both = len(tuner.active_bank.modalities) == 2
-        need_prompts = (config.align_weight > 0 and both) or (config.task_weight > 0 and len(group) > 1)
+        need_prompts = config.task_weight > 0 and len(group) > 1
         prompts = tuner.task_prompts(group) if need_prompts else {}
         terms["align_layer"] = terms["align_token"] = terms["align"] = zero
         if config.align_weight > 0 and both:
-            aligns = [
-                hierarchical_alignment_loss(
-                    prompts["vision"][i], prompts["text"][i],
-                    layer_temperature=config.align_layer_temperature,
-                    token_temperature=config.align_token_temperature,
-                    normalize=config.align_normalize,
-                )
-                for i in range(len(group))
-            ]
+            raw = tuner.active_bank.task_raw_prompts(torch.tensor(group))  # before the correlation module
+            aligns = [alignment_terms(config, raw["vision"][i], raw["text"][i]) for i in range(len(group))]
             for name, key in (("align_layer", "layer"), ("align_token", "token"), ("align", "total")):
                 terms[name] = torch.stack([a[key] for a in aligns]).mean()
         terms["task"] = zero
@@ -83,7 +76,7 @@ class JointMethod(LPIMethod):
                 per_modality.append(torch.stack([
                     task_contrastive_loss(
                         flat, targets.to(flat.device), current_task=i, temperature=config.task_temperature,
-                        double_sigmoid=config.task_loss_double_sigmoid,
+                        double_sigmoid=config.task_loss_double_sigmoid, mode=config.task_loss_mode,
                     )
                     for i in range(len(group))
                 ]).mean())
