@@ -26,7 +26,9 @@ def _problem(seed: int = 0, pairs: int = 6, patches: int = 16):
     centres = torch.rand(pairs, patches, 2, generator=g) * 0.6 + 0.2
     sizes = torch.rand(pairs, patches, 2, generator=g) * 0.2 + 0.1
     boxes = torch.cat([centres, sizes], dim=-1).double()
-    target = torch.cat([torch.rand(pairs, 2, generator=g) * 0.6 + 0.2, torch.rand(pairs, 2, generator=g) * 0.2 + 0.1], -1)
+    target = torch.cat(
+        [torch.rand(pairs, 2, generator=g) * 0.6 + 0.2, torch.rand(pairs, 2, generator=g) * 0.2 + 0.1], -1
+    )
     logits = torch.randn(pairs, patches, generator=g).double()
     return logits, boxes, target.double()
 

@@ -43,7 +43,9 @@ class RECLossOutput:
     matched: torch.Tensor  # (P,) index of the matched patch per pair
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al. 2017), summed over the last dim: (P, N) logits and {0, 1} targets -> (P,)."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -136,7 +138,9 @@ def select_query_pairs(
 
 
 @torch.no_grad()
-def rec_predictions(logits: torch.Tensor, pred_boxes: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def rec_predictions(
+    logits: torch.Tensor, pred_boxes: torch.Tensor, top_k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The `top_k` best patches' boxes per pair, best first, as xyxy, and their scores.
 
     `logits` `(P, N)`, `pred_boxes` `(P, N, 4)` cxcywh -> boxes `(P, k, 4)` xyxy and scores `(P, k)`, k = min(top_k, N).
