@@ -37,8 +37,8 @@ from .world import WORLD_VOCABULARY
 GROUNDING_BACKBONE_FORMAT = "grounding-backbone-v1"
 METADATA_FILE = "grounding_backbone.json"
 TEXT_POSITIONS = 16
-DEFAULT_STEPS = 700
-DEFAULT_SCENES = 12_000
+DEFAULT_STEPS = 500
+DEFAULT_SCENES = 8_000
 DEFAULT_BATCH = 48
 
 
@@ -85,6 +85,25 @@ def tiny_owlvit_config(tokenizer: PreTrainedTokenizerFast) -> OwlViTConfig:
     )
     vision = dict(common, image_size=SCENE_SIZE, patch_size=8, num_channels=3)
     return OwlViTConfig(text_config=text, vision_config=vision, projection_dim=128)
+
+
+def init_detection_heads(model: OwlViTForObjectDetection, std: float = 0.02) -> None:
+    """Re-initialise the box and class heads of a from-scratch OWL detector.
+
+    Why: transformers initialises these ``nn.Linear`` layers with std ``initializer_factor`` (1.0), so a fresh
+    model's box logits are in the tens and every ``pred_boxes`` entry saturates at 0 or 1, where the sigmoid has no
+    gradient and the box losses cannot train (pretrained checkpoints never see that init). Normal(0, `std`) weights,
+    zero biases and a zero last box layer make the initial boxes OWL's own per-patch prior (``box_bias``); the
+    class head's logit scale starts at 10.
+    """
+    for head in (model.box_head, model.class_head):
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=std)
+                torch.nn.init.zeros_(module.bias)
+    torch.nn.init.zeros_(model.box_head.dense2.weight)
+    # logits = (cosine + shift) * (elu(scale) + 1): start at a temperature of 1/10, as CLIP-style heads do
+    torch.nn.init.constant_(model.class_head.logit_scale.bias, 9.0)
 
 
 def grounding_image_processor(mean: list[float], std: list[float]) -> Any:
@@ -204,6 +223,7 @@ def pretrain_grounding_backbone(
     torch.manual_seed(seed)
     tokenizer = build_grounding_tokenizer()
     model = OwlViTForObjectDetection(tiny_owlvit_config(tokenizer))
+    init_detection_heads(model)
 
     scenes = render_generic_scenes(seed, num_scenes)
     held = render_generic_scenes(seed, heldout_scenes, stream=1)
