@@ -16,6 +16,7 @@ for this detector); "1/objects" is the chance of picking the right object when t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for t in tasks:
         base = owl if not args.steps else model
-        ctx = model.base_model.prompts_disabled() if args.steps else _null()
+        ctx = model.base_model.prompts_disabled() if args.steps else contextlib.nullcontext()
         with ctx:
             zero = precision(base, val[t])
             chance = precision(base, val[t], random_scores=True)
@@ -193,14 +194,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _format_row(row: dict[str, Any]) -> str:

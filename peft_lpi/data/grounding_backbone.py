@@ -29,7 +29,7 @@ import torch
 from transformers import OwlViTConfig, OwlViTForObjectDetection, PreTrainedTokenizerFast
 
 from ..continual.grounding_loss import rec_loss, rec_predictions, select_query_pairs
-from ..evaluation.grounding import box_xyxy_to_cxcywh, rec_precision
+from ..evaluation.grounding import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, rec_precision
 from .backbone import _cosine_lr, _replace_dir
 from .grounding_world import GROUNDING_WORLD_VERSION, MAX_OBJECTS, SCENE_SIZE, Scene, render_generic_scenes
 from .world import WORLD_VOCABULARY
@@ -181,8 +181,6 @@ def generic_precision(
         preds.append(rec_predictions(logits, pred_boxes, top_k=5)[0])
         targets.append(boxes[start:stop][valid[start:stop]])
     target = torch.cat(targets)
-    from ..evaluation.grounding import box_cxcywh_to_xyxy
-
     result = rec_precision(torch.cat(preds), box_cxcywh_to_xyxy(target), ks=(1, 5))
     return {"P@1": result["P@1"], "P@5": result["P@5"]}
 
