@@ -133,7 +133,7 @@ def test_interrupted_pretraining_leaves_no_folder(tmp_path, monkeypatch, where: 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("interrupted")
 
-    name = "multi_positive_clip_loss" if where == "training" else "world_image_processor"
+    name = "multi_positive_infonce" if where == "training" else "world_image_processor"
     monkeypatch.setattr(backbone, name, boom)
     with pytest.raises(KeyboardInterrupt):
         pretrain_backbone(tmp_path / "bb", **TINY)

@@ -20,6 +20,7 @@ __all__ = [
     "contrastive_loss",
     "gather_with_grad",
     "hierarchical_alignment_loss",
+    "multi_positive_infonce",
     "sigmoid_loss",
     "reference_task_loss",
     "task_contrastive_loss",
@@ -169,8 +170,20 @@ def contrastive_loss(
         labels = torch.arange(img.shape[0], device=img.device) + offset  # (n,)
         return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
     pos = _positives(ids, ids_all, img.shape[0], img_all.shape[0], offset, img.device)  # (n, N) bool
-    target = pos.to(img.dtype)
-    target = target / target.sum(dim=1, keepdim=True)  # each row has >= 1 positive: itself
+    return multi_positive_infonce(logits_per_image, logits_per_text, pos)
+
+
+def multi_positive_infonce(logits_per_image: Tensor, logits_per_text: Tensor, positives: Tensor) -> Tensor:
+    """Symmetric InfoNCE with a uniform soft target over each row's positives (CLIP's loss when positives = I).
+
+    Args:
+        logits_per_image, logits_per_text: (n, N) scaled similarities of the local rows against all columns.
+        positives: (n, N) bool or 0/1; every row has at least one positive (itself).
+    Why: captions repeat (the offline world, COCO duplicates); a duplicate counted as a negative would push
+    identical texts apart. Also the offline backbone's pretraining loss (peft_lpi.data.backbone).
+    """
+    target = positives.to(logits_per_image.dtype)
+    target = target / target.sum(dim=1, keepdim=True)
     loss_i = -(target * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
     loss_t = -(target * F.log_softmax(logits_per_text, dim=1)).sum(dim=1).mean()
     return 0.5 * (loss_i + loss_t)

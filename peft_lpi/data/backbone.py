@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
 
+from ..continual.losses import multi_positive_infonce
 from .world import IMAGE_SIZE, WORLD_VERSION, WORLD_VOCABULARY, render_generic_arrays
 
 BACKBONE_FORMAT = "world-backbone-v1"
@@ -104,18 +105,6 @@ def world_image_processor(mean: list[float], std: list[float]) -> CLIPImageProce
         image_std=std,
         do_convert_rgb=True,
     )
-
-
-def multi_positive_clip_loss(logits: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE where every pair with an identical caption counts as a positive.
-
-    Why: world captions repeat; treating a duplicate as a negative would push apart identical texts.
-    """
-    positives = (caption_ids[:, None] == caption_ids[None, :]).float()
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    loss_t2i = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
-    return (loss_i2t + loss_t2i) / 2
 
 
 def _normalise(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -236,7 +225,8 @@ def pretrain_backbone(
         out = model(
             input_ids=ids[cap], attention_mask=mask[cap], pixel_values=_normalise(images[idx.numpy()], mean, std)
         )
-        loss = multi_positive_clip_loss(out.logits_per_image, cap)
+        positives = cap[:, None] == cap[None, :]  # pairs with an identical caption are positives of each other
+        loss = multi_positive_infonce(out.logits_per_image, out.logits_per_text, positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

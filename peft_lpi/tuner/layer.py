@@ -28,6 +28,11 @@ PromptSource = Callable[[str, int, int], "torch.Tensor | None"]
 # with the prompts as extra keys/values only (see there).
 PREFIX_ATTENTION_LAYERS = frozenset({"CLIPEncoderLayer", "SiglipEncoderLayer"})
 
+MERGE_ERROR = (
+    "LPI prompts are extra tokens, not weight deltas: they cannot be merged into the base weights. Keep the "
+    "PeftModel for inference, or use `unload()` to get the base model back without prompts."
+)
+
 
 def prefix_attention_layer(
     layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor, causal: bool
@@ -144,10 +149,7 @@ class LPIPromptedLayer(nn.Module, BaseTunerLayer):
         ]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise ValueError(
-            "LPI prompts are extra tokens, not weight deltas: they cannot be merged into the base weights. Keep the "
-            "PeftModel for inference, or use `unload()` to get the base model back without prompts."
-        )
+        raise ValueError(MERGE_ERROR)
 
     def unmerge(self) -> None:
         return None

@@ -18,7 +18,7 @@ from ._common import _as_group
 class JointMethod(LPIMethod):
     """LPI trained on the union of all tasks in ONE stage (the non-continual upper bound).
 
-    Each sample of a mixed batch gets its own task's prompts (`set_task(batch["task"])`, batched). Loss:
+    Each sample of a mixed batch gets its own task's prompts (`task_ids=batch["task"]`, batched). Loss:
     - contrastive: over the whole mixed batch (negatives from every task);
     - align: the hierarchical alignment of each task in the stage, averaged over those tasks;
     - task: the task constraint over all tasks of the stage, with each task in turn as the "current" row (receiving
@@ -44,12 +44,15 @@ class JointMethod(LPIMethod):
 
     def training_loss(self, ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: Any) -> dict[str, torch.Tensor]:
         group = _as_group(task)
-        self.tuner.set_task(batch["task"])
-        outputs = ddp_model(
-            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        )
-        return self.joint_objective(outputs.image_embeds.float(), outputs.text_embeds.float(), group,
-                                    sample_ids=batch["caption_ids"])
+        with self.tuner.reuse_prompts():  # each task's prompts computed once for both towers and the prompt losses
+            outputs = ddp_model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                task_ids=batch["task"],  # each sample its own task's prompts, for this call only
+            )
+            return self.joint_objective(outputs.image_embeds.float(), outputs.text_embeds.float(), group,
+                                        sample_ids=batch["caption_ids"])
 
     def joint_objective(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, group: list[int], *,
                         sample_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -36,8 +36,7 @@ class SharedPromptMethod(LPIMethod):
         return self.tuner.train_task(0)
 
     def training_loss(self, ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: int) -> dict[str, torch.Tensor]:
-        self.tuner.set_task(0)
-        return super().training_loss(ddp_model, batch, 0)
+        return super().training_loss(ddp_model, batch, 0)  # the one shared set, chosen per call
 
     @torch.no_grad()
     def encode(self, modality: str, inputs: dict[str, torch.Tensor], tasks: torch.Tensor | str | None) -> tuple:
