@@ -343,7 +343,7 @@ def _check_make(args: list[str]) -> list[str]:
     """`make TARGET [VAR=value]`: the target's recipe (`make -n`, the install step assumed done) is checked line by
     line, each program of the virtual environment as the program itself."""
     stamp = re.search(r"^STAMP := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1).replace("$(VENV)", ".venv")
-    result = subprocess.run(["make", "-n", "-o", stamp, *args], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(["make", "-n", "--no-print-directory", "-o", stamp, *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, f"make -n {shlex.join(args)}: {result.stderr.strip()}"
     checked = []
     for line in result.stdout.splitlines():
