@@ -32,7 +32,6 @@ PEFT checks that cannot apply to LPI (a prompt method on a dual encoder), with t
 | custom: test_multiple_adapters_mixed_modules_to_save_merging_adapters, test_multiple_adapters_same_modules_to_save_merging_adapters_raises, test_multiple_adapters_seq_cls_mixed_modules_to_save_merging_adapters, test_add_weighted_adapter_cat_with_rank_pattern, test_add_weighted_adapter_negative_weight_negates_adapter, test_add_weighted_adapter_with_rslora_identity_single_adapter, test_add_weighted_adapter_with_rslora_identity_two_adapters, test_add_weighted_adapter_subtraction_with_negative_weights, test_add_weighted_adapter_with_different_scaling | add_weighted_adapter (LoRA / IA3 ...) combines weight deltas; LPI has none |
 | custom: test_save_pretrained_targeting_lora_to_embedding_layer, test_save_pretrained_targeting_lora_to_embedding_layer_non_transformers, test_save_embedding_layers_excludes_similarly_named_sibling, test_load_does_not_overwrite_similarly_named_sibling, test_load_resized_embedding_ignore_mismatched_sizes (as written: LoRA on an embedding; ported adapted, see test_load_into_resized_base_ignore_mismatched_sizes) | save_embedding_layers saves modules named embed_tokens / lm_head when target_modules name them; LPI targets no embedding and CLIP / SigLIP have no such modules |
 | custom: test_weight_bias_attributes, test_gpt2_dora_merge_and_unload, test_gpt2_dora_merge_and_unload_safe_merge, test_dora_save_and_load_remapping, test_unload_adapter_multihead_attention, test_mha_gradients_set_correctly, test_gralora_and_hybrid_gralora_parameter_count, test_monteclora_variational_loss_computation(_eval_mode), test_pvera_reproducible, test_pvera_generator_is_per_adapter, test_pvera_no_generator_seed_means_no_generator; TestMultiRankAdapter.*; TestLayerRepr.*; TestDynamicDispatch.*; TestDefaultTargetModules.test_default_target_modules_not_set_model_type_set_raises / _list_of_str / _str / _osf | method-specific: LoRA layers (weight / bias attributes, DoRA, MultiheadAttention, rank_pattern, reprs, custom-module dispatch), GraLoRA, MonteCLoRA, PVeRA, and the `target_modules` default mappings (LPI has no target_modules; its not-a-dual-encoder error is ported) |
-| TestRequiresGrad.test_requires_grad_<method>_different_targets (LoRA conv2d / emb-conv1d, IA3 conv1d / conv2d, ...) | the "different targets" variants need adapters on different layers; every LPI adapter prompts the same towers' first prompt_depth layers (the same-targets variant is ported) |
 | TestMultipleActiveAdapters.test_multiple_active_adapters_forward, test_multiple_active_adapters_merge_and_unmerge, the merge half of test_merge_layers_multi, test_sequential_merge_matches_batch_merge, test_unmerge_after_sequential_merge_restores_base, test_multiple_active_dora_adapters_merge_matches_forward, test_plain_lora_and_dora_adapters_merge_matches_forward, test_multiple_active_dora_adapters_safe_and_unsafe_merge_agree | more than one active adapter and merging (see the rows above); the switching half of test_merge_layers_multi is ported |
 | TestMixedAdapterBatches.* (test_mixed_adapter_batches_mlp, _different_target_layers, _multiple_modules_to_save, _unsupported_layer_raises, _partly_overlapping_target_layers, _lora_conv1d_emb, _lora_conv1d_emb_multiple_modules_to_save, _lora_conv2d, _mha_raises, _length_mismatch_raises, _training_mode_raises, _disabled, _merged_raises, _lora_wrong_adapter_name_raises, _lora_with_dora_raises, _lora_with_dora_but_dora_not_included_works, _lora_opt_timing) | `adapter_names=` per sample is LoRA / RoAd / GLoRA only (LPI mixes tasks per sample inside one adapter) |
 """
@@ -628,16 +627,24 @@ def test_set_requires_grad_two_adapters(kind, num_tasks):
     assert trainable_names(model) == set()
 
 
+TARGETS = {  # the second adapter prompts the same layers, or other ones (the text tower instead of the vision one)
+    "same_targets": ({}, {}),
+    "different_targets": ({"towers": "vision"}, {"towers": "text", "prompt_depth": 1}),
+}
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
 @pytest.mark.parametrize("kind, num_tasks", CASES)
-def test_requires_grad_follows_adapter_switches(kind, num_tasks):
-    """TestRequiresGrad: test_requires_grad_lora_same_targets (and its IA3 / LoHa / LoKr / OFT / BOFT / HRA / VeRA
-    ... twins: same checks, other factor names), test_requires_grad_follows_inference_mode_modules_to_save (the
-    inference_mode half), and the AdaLoRA case "adding an inference-only adapter must not freeze the active one".
+def test_requires_grad_follows_adapter_switches(kind, num_tasks, targets):
+    """TestRequiresGrad: test_requires_grad_lora_same_targets / _different_targets (and their IA3 / LoHa / LoKr /
+    OFT / BOFT / HRA / VeRA / ... twins: same checks, other factor names), test_requires_grad_follows_inference_mode_*
+    (the inference_mode half), and the AdaLoRA case "adding an inference-only adapter must not freeze the active one".
     Exactly the active adapter's training task is trainable after get_peft_model, add_adapter, set_adapter; nothing
     inside disable_adapter(); the previous state after it; nothing after set_adapter(..., inference_mode=True)."""
-    model = wrap(kind, num_tasks)
-    default, other = task_param_names(model, "default", 0), None
-    model.add_adapter("adapter1", config(num_tasks))
+    first, second = TARGETS[targets]
+    model = wrap(kind, num_tasks, **first)
+    default = task_param_names(model, "default", 0)
+    model.add_adapter("adapter1", config(num_tasks, **second))
     other = task_param_names(model, "adapter1", 0)
     assert trainable_names(model) == default
     model.add_adapter("inference_only", config(num_tasks, inference_mode=True))
@@ -721,22 +728,31 @@ def test_adapter_name_makes_no_difference(kind, num_tasks):
     assert torch.allclose(outputs["default"], outputs["adapter"]) and torch.allclose(outputs["adapter"], outputs["other-name"])
 
 
+@pytest.mark.parametrize("targets", list(TARGETS))
 @pytest.mark.parametrize("kind, num_tasks", CASES)
-def test_switching_adapters_switches_outputs(kind, num_tasks):
+def test_switching_adapters_switches_outputs(kind, num_tasks, targets):
     """TestMultipleActiveAdapters.test_merge_layers_multi, the half without merging (set_adapter to a second adapter
-    changes the outputs, set_adapter back gives the first adapter's outputs again)."""
+    changes the outputs, set_adapter back gives the first adapter's outputs again). With different targets (vision
+    tower / text tower) each adapter also leaves the other tower exactly as the base model computes it."""
     X = inputs(kind)
-    model = wrap(kind, num_tasks).eval()
+    first, second = TARGETS[targets]
     with torch.inference_mode():
-        outputs_adapter_1 = embeds(model, X)
-    model.add_adapter("adapter-2", config(num_tasks))
+        base = base_model(kind).eval()(**X)
+    model = wrap(kind, num_tasks, **first).eval()
+    with torch.inference_mode():
+        out_1 = model(**X)
+    model.add_adapter("adapter-2", config(num_tasks, **second))
     model.set_adapter("adapter-2")
     with torch.inference_mode():
-        outputs_adapter_2 = embeds(model, X)
-    assert not torch.allclose(outputs_adapter_1, outputs_adapter_2, atol=1e-3, rtol=1e-3)
+        out_2 = model(**X)
+    both = [torch.cat([out.image_embeds, out.text_embeds], dim=-1) for out in (out_1, out_2)]
+    assert not torch.allclose(both[0], both[1], atol=1e-3, rtol=1e-3)
     model.set_adapter("default")
     with torch.inference_mode():
-        assert torch.allclose(embeds(model, X), outputs_adapter_1, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(embeds(model, X), both[0], atol=1e-6, rtol=1e-6)
+    if targets == "different_targets":
+        assert torch.allclose(out_1.text_embeds, base.text_embeds, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(out_2.image_embeds, base.image_embeds, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind, num_tasks", CASES)
