@@ -2,7 +2,9 @@
 
 Each `test_*` below ports one generic check of the huggingface/peft test suite (read from the repository, commit
 0000e79d): `tests/testing_common.py` (`PeftCommonTester._test_*`, cited as "common: _test_x") and
-`tests/test_custom_models.py` (`TestPeftCustomModel.test_*`, cited as "custom: test_x"). The checks run on the
+`tests/test_custom_models.py` (`TestPeftCustomModel.test_*`, cited as "custom: test_x"; its generic classes
+`TestRequiresGrad`, `TestMultipleActiveAdapters`, `TestDefaultTargetModules`, `TestPeftFsdpStateDict` by class name;
+the whole file, 356,732 characters at that commit, was read). The checks run on the
 adapter as a user gets it from `get_peft_model(model, LPIConfig(...))`; where LPI differs from LoRA on purpose the
 port says how (e.g. LPI prompts are not an identity at initialisation, so "disabled" is compared with the base
 model, as PEFT does for PaRa). The LPI-specific half of the contract follows: exactly one trainable task, PEFT calls
@@ -24,7 +26,14 @@ PEFT checks that cannot apply to LPI (a prompt method on a dual encoder), with t
 | custom: test_active_adapter (the "both adapters active" half), test_set_adapter_non_overlapping_modules*, test_multiple_active_adapters_* | LPI activates one adapter at a time (its tasks live inside one adapter); set_adapter([a, b]) raises a ValueError, tested |
 | custom: test_in_features_out_features_exposed | LPI wraps whole encoder layers, not Linear / Conv layers |
 | custom: test_add_adapter_rejects_duplicate_name_without_mutation with mixed=True | LPI is not mixed-compatible: get_peft_model(..., mixed=True) raises PEFT's ValueError, tested |
-| custom: test_disable_adapter_with_bias_warns | LoRA / BOFT `bias=` only |
+| custom: test_disable_adapter_with_bias_warns; TestPeftFsdpStateDict.test_save_load_roundtrip_fsdp_wrapped_learnable_bias | LoRA / BOFT `bias=` only |
+| custom: test_delete_adapter_multiple_adapters_with_modules_to_save, test_delete_adapter_fallback_with_modules_to_save_becomes_trainable, test_multiple_adapters_automatic_modules_to_save, test_multiple_adapters_mixed_modules_to_save, test_multiple_adapters_mixed_modules_to_save_order_switched, test_multiple_adapters_no_needless_copy_modules_to_save, test_ignore_mismatched_sizes_with_scalar_modules_to_save, test_loading_model_with_modules_to_save_requires_grad_set_correctly; TestRequiresGrad.test_requires_grad_modules_to_save_default / _disabling / _multiple_adapters (the modules_to_save half of test_requires_grad_follows_inference_mode_modules_to_save is ported without it) | LPIConfig has no `modules_to_save` (no base module is copied or trained; LPIConfig(modules_to_save=...) is a TypeError) |
+| custom: test_delete_adapter_multiple_adapters_with_trainable_token_indices, test_set_requires_grad_trainable_tokens, test_loading_model_with_trainble_tokens_requires_grad_set_correctly; TestRequiresGrad.test_requires_grad_follows_inference_mode_trainable_token_indices | `trainable_token_indices` / TrainableTokens: LoRA options and a PEFT method, not LPI's |
+| custom: test_multiple_adapters_mixed_modules_to_save_merging_adapters, test_multiple_adapters_same_modules_to_save_merging_adapters_raises, test_multiple_adapters_seq_cls_mixed_modules_to_save_merging_adapters, test_add_weighted_adapter_cat_with_rank_pattern, test_add_weighted_adapter_negative_weight_negates_adapter, test_add_weighted_adapter_with_rslora_identity_single_adapter, test_add_weighted_adapter_with_rslora_identity_two_adapters, test_add_weighted_adapter_subtraction_with_negative_weights, test_add_weighted_adapter_with_different_scaling | add_weighted_adapter (LoRA / IA3 ...) combines weight deltas; LPI has none |
+| custom: test_save_pretrained_targeting_lora_to_embedding_layer, test_save_pretrained_targeting_lora_to_embedding_layer_non_transformers, test_save_embedding_layers_excludes_similarly_named_sibling, test_load_does_not_overwrite_similarly_named_sibling, test_load_resized_embedding_ignore_mismatched_sizes (as written: LoRA on an embedding; ported adapted, see test_load_into_resized_base_ignore_mismatched_sizes) | save_embedding_layers saves modules named embed_tokens / lm_head when target_modules name them; LPI targets no embedding and CLIP / SigLIP have no such modules |
+| custom: test_weight_bias_attributes, test_gpt2_dora_merge_and_unload, test_gpt2_dora_merge_and_unload_safe_merge, test_dora_save_and_load_remapping, test_unload_adapter_multihead_attention, test_mha_gradients_set_correctly, test_gralora_and_hybrid_gralora_parameter_count, test_monteclora_variational_loss_computation(_eval_mode), test_pvera_reproducible, test_pvera_generator_is_per_adapter, test_pvera_no_generator_seed_means_no_generator; TestMultiRankAdapter.*; TestLayerRepr.*; TestDynamicDispatch.*; TestDefaultTargetModules.test_default_target_modules_not_set_model_type_set_raises / _list_of_str / _str / _osf | method-specific: LoRA layers (weight / bias attributes, DoRA, MultiheadAttention, rank_pattern, reprs, custom-module dispatch), GraLoRA, MonteCLoRA, PVeRA, and the `target_modules` default mappings (LPI has no target_modules; its not-a-dual-encoder error is ported) |
+| TestMultipleActiveAdapters.test_multiple_active_adapters_forward, test_multiple_active_adapters_merge_and_unmerge, the merge half of test_merge_layers_multi, test_sequential_merge_matches_batch_merge, test_unmerge_after_sequential_merge_restores_base, test_multiple_active_dora_adapters_merge_matches_forward, test_plain_lora_and_dora_adapters_merge_matches_forward, test_multiple_active_dora_adapters_safe_and_unsafe_merge_agree | more than one active adapter and merging (see the rows above); the switching half of test_merge_layers_multi is ported |
+| TestMixedAdapterBatches.* (test_mixed_adapter_batches_mlp, _different_target_layers, _multiple_modules_to_save, _unsupported_layer_raises, _partly_overlapping_target_layers, _lora_conv1d_emb, _lora_conv1d_emb_multiple_modules_to_save, _lora_conv2d, _mha_raises, _length_mismatch_raises, _training_mode_raises, _disabled, _merged_raises, _lora_wrong_adapter_name_raises, _lora_with_dora_raises, _lora_with_dora_but_dora_not_included_works, _lora_opt_timing) | `adapter_names=` per sample is LoRA / RoAd / GLoRA only (LPI mixes tasks per sample inside one adapter) |
 """
 
 from __future__ import annotations
@@ -586,6 +595,239 @@ def test_merge_raises_clearly():
     for call in (model.merge_adapter, model.merge_and_unload):
         with pytest.raises(ValueError, match="cannot be merged"):
             call()
+
+
+# ------------------------------------------- ported from the second half of tests/test_custom_models.py
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def task_param_names(model: PeftModel, adapter: str, task: int) -> set[str]:
+    """Full parameter names of one task's factors of one adapter (what the training of that task may touch)."""
+    prefix = f"base_model.lpi_prompts.{adapter}.tasks.{task}."
+    names = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+    assert names, prefix
+    return names
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_set_requires_grad_two_adapters(kind, num_tasks):
+    """custom: test_set_requires_grad (adapter0 trainable; adding adapter1 leaves it frozen and adapter0 as it was;
+    set_requires_grad("adapter1") unfreezes only adapter1; set_requires_grad([both], False) freezes both). For LPI
+    "trainable" means the adapter's training task: the other tasks stay frozen throughout."""
+    model = get_peft_model(base_model(kind), config(num_tasks), adapter_name="adapter0").eval()
+    own0 = task_param_names(model, "adapter0", 0)
+    assert trainable_names(model) == own0
+    model.add_adapter("adapter1", config(num_tasks))
+    own1 = task_param_names(model, "adapter1", 0)
+    assert trainable_names(model) == own0
+    model.set_requires_grad(adapter_names="adapter1")
+    assert trainable_names(model) == own0 | own1
+    model.set_requires_grad(adapter_names=["adapter0", "adapter1"], requires_grad=False)
+    assert trainable_names(model) == set()
+
+
+TARGETS = {  # the second adapter prompts the same layers, or other ones (the text tower instead of the vision one)
+    "same_targets": ({}, {}),
+    "different_targets": ({"towers": "vision"}, {"towers": "text", "prompt_depth": 1}),
+}
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_requires_grad_follows_adapter_switches(kind, num_tasks, targets):
+    """TestRequiresGrad: test_requires_grad_lora_same_targets / _different_targets (and their IA3 / LoHa / LoKr /
+    OFT / BOFT / HRA / VeRA / ... twins: same checks, other factor names), test_requires_grad_follows_inference_mode_*
+    (the inference_mode half), and the AdaLoRA case "adding an inference-only adapter must not freeze the active one".
+    Exactly the active adapter's training task is trainable after get_peft_model, add_adapter, set_adapter; nothing
+    inside disable_adapter(); the previous state after it; nothing after set_adapter(..., inference_mode=True)."""
+    first, second = TARGETS[targets]
+    model = wrap(kind, num_tasks, **first)
+    default = task_param_names(model, "default", 0)
+    model.add_adapter("adapter1", config(num_tasks, **second))
+    other = task_param_names(model, "adapter1", 0)
+    assert trainable_names(model) == default
+    model.add_adapter("inference_only", config(num_tasks, inference_mode=True))
+    assert trainable_names(model) == default
+    model.set_adapter("default")
+    assert trainable_names(model) == default
+    model.set_adapter("adapter1")
+    assert trainable_names(model) == other
+    with model.disable_adapter():
+        assert trainable_names(model) == set()
+    assert trainable_names(model) == other
+    model.set_adapter("default", inference_mode=False)
+    assert trainable_names(model) == default
+    model.set_adapter("default", inference_mode=True)
+    assert trainable_names(model) == set()
+    model.set_adapter("adapter1", inference_mode=True)
+    assert trainable_names(model) == set()
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_loading_model_requires_grad_set_correctly(kind, num_tasks, is_trainable, tmp_path):
+    """custom: test_loading_model_requires_grad_set_correctly (from_pretrained(is_trainable), then load_adapter
+    "other" with the same and "opposite" with the opposite is_trainable, then add_adapter: exactly the adapters that
+    asked to train are trainable — for LPI, their training task — and add_adapter requests nothing)."""
+    wrap(kind, num_tasks).save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(base_model(kind), tmp_path, is_trainable=is_trainable)
+    expected = task_param_names(model, "default", 0) if is_trainable else set()
+    assert trainable_names(model) == expected
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    if is_trainable:
+        expected |= task_param_names(model, "other", 0)
+    assert trainable_names(model) == expected
+    model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=not is_trainable)
+    if not is_trainable:
+        expected = task_param_names(model, "opposite", 0)
+    assert trainable_names(model) == expected
+    model.add_adapter("added", config(num_tasks))
+    assert trainable_names(model) == expected
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_loading_adapter_preserves_custom_requires_grad(kind, num_tasks, tmp_path):
+    """custom: test_loading_adapter_preserves_custom_requires_grad (a user unfreezes one base weight and freezes one
+    adapter factor; load_adapter(is_trainable=False) of another adapter changes neither, and the new one is frozen)."""
+    wrap(kind, num_tasks).save_pretrained(tmp_path)
+    model = wrap(kind, num_tasks)
+    base_weight = next(p for n, p in model.named_parameters() if "lpi_" not in n and p.dim() == 2)
+    base_weight.requires_grad = True
+    factor_name = sorted(task_param_names(model, "default", 0))[0]
+    model.get_parameter(factor_name).requires_grad = False
+    existing = {name: param.requires_grad for name, param in model.named_parameters()}
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=False)
+    for name, requires_grad in existing.items():
+        assert model.get_parameter(name).requires_grad is requires_grad, name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_adapter_name_makes_no_difference(kind, num_tasks):
+    """custom: test_adapter_name_makes_no_difference (same seed, adapter names "default" / "adapter" / "other-name":
+    the same state dict under renamed keys, the same outputs, all different from the base model)."""
+    X = inputs(kind)
+    with torch.no_grad():
+        output_base = embeds(base_model(kind).eval(), X)
+    outputs, state_dicts = {}, {}
+    for name in ("default", "adapter", "other-name"):
+        base = base_model(kind).eval()
+        torch.manual_seed(0)
+        model = get_peft_model(base, config(num_tasks), adapter_name=name).eval()
+        with torch.no_grad():
+            outputs[name] = embeds(model, X)
+        state_dicts[name] = model.state_dict()
+    sd_default = state_dicts["default"]
+    for name in ("adapter", "other-name"):
+        renamed = {key.replace(".default.", f".{name}."): value for key, value in sd_default.items()}
+        assert renamed.keys() == state_dicts[name].keys()
+        assert all(torch.equal(value, state_dicts[name][key]) for key, value in renamed.items())
+    for output in outputs.values():
+        assert not torch.allclose(output_base, output)
+    assert torch.allclose(outputs["default"], outputs["adapter"]) and torch.allclose(outputs["adapter"], outputs["other-name"])
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_switching_adapters_switches_outputs(kind, num_tasks, targets):
+    """TestMultipleActiveAdapters.test_merge_layers_multi, the half without merging (set_adapter to a second adapter
+    changes the outputs, set_adapter back gives the first adapter's outputs again). With different targets (vision
+    tower / text tower) each adapter also leaves the other tower exactly as the base model computes it."""
+    X = inputs(kind)
+    first, second = TARGETS[targets]
+    with torch.inference_mode():
+        base = base_model(kind).eval()(**X)
+    model = wrap(kind, num_tasks, **first).eval()
+    with torch.inference_mode():
+        out_1 = model(**X)
+    model.add_adapter("adapter-2", config(num_tasks, **second))
+    model.set_adapter("adapter-2")
+    with torch.inference_mode():
+        out_2 = model(**X)
+    both = [torch.cat([out.image_embeds, out.text_embeds], dim=-1) for out in (out_1, out_2)]
+    assert not torch.allclose(both[0], both[1], atol=1e-3, rtol=1e-3)
+    model.set_adapter("default")
+    with torch.inference_mode():
+        assert torch.allclose(embeds(model, X), both[0], atol=1e-6, rtol=1e-6)
+    if targets == "different_targets":
+        assert torch.allclose(out_1.text_embeds, base.text_embeds, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(out_2.image_embeds, base.image_embeds, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_existing_and_new_model_card(kind, num_tasks, tmp_path):
+    """custom: test_existing_model_card (a README already there is kept and extended), test_non_existing_model_card
+    (a pre-filled card is written)."""
+    model = wrap(kind, num_tasks)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "README.md").write_text("---\nmeta: hello\n---\nThis is a model card\n", encoding="utf-8")
+    model.save_pretrained(tmp_path / "old")
+    card = (tmp_path / "old" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card and "meta: hello" in card and "This is a model card" in card
+    model.save_pretrained(tmp_path / "new")
+    card = (tmp_path / "new" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card and len(card) > 1000
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_load_into_resized_base_ignore_mismatched_sizes(kind, num_tasks, tmp_path):
+    """custom: test_load_resized_embedding_ignore_mismatched_sizes, adapted: LPI's factors follow the towers' width,
+    so the "resized" base is one of another width. Loading raises PEFT's size-mismatch error naming both sizes;
+    ignore_mismatched_sizes=True loads."""
+    wrap(kind, num_tasks).save_pretrained(tmp_path)
+    wider = {"clip": dict(vision_hidden=64, text_hidden=48), "siglip": dict(hidden=48)}[kind]
+    with pytest.raises(RuntimeError) as excinfo:
+        PeftModel.from_pretrained(BUILDERS[kind](**wider), tmp_path)
+    assert "size mismatch" in str(excinfo.value) and "48" in str(excinfo.value)
+    loaded = PeftModel.from_pretrained(BUILDERS[kind](**wider), tmp_path, ignore_mismatched_sizes=True)
+    with torch.no_grad():
+        assert torch.isfinite(embeds(loaded.eval(), inputs(kind))).all()
+
+
+def test_no_known_layers_raises_clearly():
+    """TestDefaultTargetModules.test_default_target_modules_not_set_raises, adapted: LPI has no target_modules; on a
+    model that is not a known dual encoder it raises a ValueError that says how to name the layers (layer_paths)."""
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = nn.Linear(10, 20)
+
+    with pytest.raises(ValueError, match=r"found no vision encoder layers in MLP.*LPIConfig\(layer_paths="):
+        get_peft_model(MLP(), config(1))
+
+
+@pytest.mark.parametrize("kind, num_tasks", CASES)
+def test_save_load_roundtrip_fsdp_wrapped(kind, num_tasks):
+    """TestPeftFsdpStateDict.test_save_load_roundtrip_fsdp_wrapped (1-process gloo FSDP; get_peft_model_state_dict of
+    the wrapped model, set_peft_model_state_dict into a fresh adapter made under another seed: same outputs).
+    CLIP's / SigLIP's scalar logit_scale (and logit_bias) are parameters FSDP refuses, so they are `ignored_states`
+    (a property of the base models, not of LPI)."""
+    import torch.distributed as dist
+    from peft import set_peft_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    X = inputs(kind)
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = wrap(kind, num_tasks).eval()
+        scalars = [p for p in model.parameters() if p.dim() == 0]
+        fsdp = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"), ignored_states=scalars)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NO_SHARD on one rank: "full_state_dict will be returned"
+            output_before = embeds(fsdp, X)
+            state_dict = get_peft_model_state_dict(fsdp)
+    finally:
+        dist.destroy_process_group()
+    assert state_dict and not any("_fsdp_wrapped_module" in key for key in state_dict)
+    fresh = wrap(kind, num_tasks, seed=1).eval()
+    with torch.no_grad():
+        assert not torch.allclose(embeds(fresh, X), output_before)
+    result = set_peft_model_state_dict(fresh, state_dict)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.allclose(embeds(fresh, X), output_before, atol=1e-6, rtol=1e-6)
 
 
 # ===================================================================================== LPI's half of the contract

@@ -87,6 +87,9 @@ class LPIModel(TrainabilityMixin, TaskRoutingMixin, TaskFilesMixin, BaseTuner):
                 f"This LPI adapter was trained on a {saved_class} but is being loaded onto a {type(model).__name__} "
                 "(wrong model family): its prompts and keys only fit the backbone they were trained with."
             )
+        # PEFT: adding an adapter never changes the trainability of parameters already there (a base weight the user
+        # unfroze, a factor they froze); only the first injection freezes the base model.
+        existing_requires_grad = _requires_grad_snapshot(model, self) if len(getattr(self, "lpi_prompts", ())) else []
         if "lpi_prompts" not in self._modules:
             self.lpi_prompts = nn.ModuleDict()
             self._grad_enabled: dict[str, bool] = {}  # per adapter: may its training task require grad now?
@@ -168,6 +171,8 @@ class LPIModel(TrainabilityMixin, TaskRoutingMixin, TaskFilesMixin, BaseTuner):
             self._task_selection = config.trainable_task
         self._sync_layer_active_adapters()
         self._mark_only_adapters_as_trainable(model)
+        for param, requires_grad in existing_requires_grad:
+            param.requires_grad = requires_grad
 
     @staticmethod
     def _embedding_sizes(model: nn.Module, towers: dict[str, TowerSpec]) -> dict[str, int]:
@@ -468,3 +473,14 @@ def _check_injection(model: nn.Module, towers: dict[str, TowerSpec], config: LPI
                 "inserted. Use LPIConfig(injection='additive') (prompts added to the top-left window of each stage's "
                 "map, as the authors did for GLIP's Swin)."
             )
+
+
+def _requires_grad_snapshot(model: nn.Module, tuner: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """(parameter, requires_grad) of every parameter of the base model and of the existing prompt banks, once each."""
+    seen: set[int] = set()
+    snapshot = []
+    for param in [*model.parameters(), *tuner.lpi_prompts.parameters()]:
+        if id(param) not in seen:
+            seen.add(id(param))
+            snapshot.append((param, param.requires_grad))
+    return snapshot
