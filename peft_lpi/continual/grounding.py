@@ -289,13 +289,11 @@ class GroundingEvaluator:
         out: dict[str, Any] = {}
         for mode in self.modes:
             matrices = {}
+            # a checkpoint's JSON turns the int task keys into strings: read both
+            per_task = [{int(t): v for t, v in e[mode]["per_task"].items()} for e in stages]
             for k in self.ks:
                 key = f"P@{k}"
-                matrices[key] = [
-                    [e[mode]["per_task"][t][key] if t in e[mode]["per_task"] else math.nan
-                     for t in range(self.num_tasks)]
-                    for e in stages
-                ]
+                matrices[key] = [[p[t][key] if t in p else math.nan for t in range(self.num_tasks)] for p in per_task]
             block: dict[str, Any] = {
                 "matrices": matrices,
                 "summary": {key: stage_metrics(m, schedule) for key, m in matrices.items()} if stages else {},
