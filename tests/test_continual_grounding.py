@@ -173,3 +173,34 @@ def test_example_end_to_end_and_resume(parts, tmp_path):
     assert zero[0][0] == zero[1][0]
     resumed = example.main(argv + ["--resume_from_checkpoint", "true"])  # every stage finished: nothing retrains
     assert resumed["grounding"] == results["grounding"]
+
+
+@pytest.mark.slow
+def test_example_resumes_after_an_interruption(parts, tmp_path, monkeypatch):
+    """A run stopped after stage 0's checkpoint and resumed gives the results of an uninterrupted run."""
+    tokenizer, processor, _ = parts
+    backbone = tmp_path / "owl"
+    tiny_owl(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    processor.save_pretrained(backbone)
+    example = _load_example()
+    argv = ["--model", str(backbone), "--max_tasks", "2", "--train_per_task", "16", "--val_per_task", "6",
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--prompt_length", "2", "--prompt_depth", "2",
+            "--rank", "2", "--num_keys", "2", "--disable_tqdm", "true"]
+    full = example.main(argv + ["--output_dir", str(tmp_path / "full")])
+    evaluate = GroundingEvaluator.evaluate
+
+    def killed_at_stage_1(self, stage):
+        if stage == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return evaluate(self, stage)
+
+    monkeypatch.setattr(GroundingEvaluator, "evaluate", killed_at_stage_1)
+    with pytest.raises(KeyboardInterrupt):
+        example.main(argv + ["--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(GroundingEvaluator, "evaluate", evaluate)
+    saved = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert len(saved["stages"]) == 1
+    resumed = example.main(argv + ["--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "true"])
+    assert resumed["grounding"] == full["grounding"]
+    assert resumed["train_seconds_per_task"][0] == saved["train_seconds"][0]  # stage 0 restored, not retrained
