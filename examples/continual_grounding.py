@@ -37,7 +37,8 @@ from peft_lpi.continual.grounding import (
     prepare_grounding_dataset,
 )
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments, _indices_by_task
-from peft_lpi.data.preprocess import with_pixel_values
+from peft_lpi.data.preprocess import text_token_limit, with_pixel_values
+from peft_lpi.tuner.shallow import text_prompt_positions
 
 OFFLINE = "offline-grounding"
 
@@ -52,6 +53,7 @@ OFFLINE_TRAINING_DEFAULTS = dict(
     learning_rate=5e-2,  # the grounding probe's rate (docs/grounding.md)
     weight_decay=0.0,
     warmup_steps=3,
+    preprocess_images=None,  # None: on for the offline world (64 px scenes), off for other models' data
     eval_routing=["zero-shot", "oracle", "auto"],
     recall_ks=[1, 5],
 )
@@ -102,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = GROUNDING_TASKS[: args.max_tasks] if args.max_tasks else GROUNDING_TASKS
     data = prepare_grounding_dataset(build_grounding_benchmark(args.world_seed, args.train_per_task,
                                                                args.val_per_task, tasks=tasks))
-    if train_args.preprocess_images is not False:  # 64 px scenes: process every image once
+    if train_args.preprocess_images is None:
+        train_args.preprocess_images = args.model == OFFLINE
+    if train_args.preprocess_images:  # process every image once (the evaluator reads the same preprocessed split)
         data = {name: with_pixel_values(split, image_processor) for name, split in data.items()}
-        train_args.preprocess_images = False
+        train_args.preprocess_images = False  # done here, not again in the trainer
     names = list(data["train"].features["task"].names)
 
     torch.manual_seed(train_args.seed)
@@ -115,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     method = LPIGroundingMethod(model)
-    collator = GroundingCollator(image_processor, tokenizer, max_length=base.config.text_config.max_position_embeddings)
+    limit = text_token_limit(model, tokenizer)  # shallow injection puts P prompts into every token sequence
+    collator = GroundingCollator(image_processor, tokenizer,
+                                 max_length=None if limit is None else limit - text_prompt_positions(model))
     evaluator = GroundingEvaluator(
         accelerator, method, data["validation"], _indices_by_task(data["validation"], names, "validation"), collator,
         modes=train_args.eval_routing, ks=train_args.recall_ks, batch_size=train_args.per_device_eval_batch_size,
