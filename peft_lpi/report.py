@@ -176,15 +176,98 @@ def plot_results(results: dict[str, Any], output_dir: Path, variant: str = "stri
     return written
 
 
+def grounding_markdown_table(results: dict[str, Any]) -> str:
+    """REC results as markdown: final Precision@k per task and mode, the continual summary, routing accuracy."""
+    names = results["task_names"]
+    blocks = results.get("grounding", {})
+    lines: list[str] = []
+    if not blocks:
+        return ""
+    modes = list(blocks)
+    keys = list(next(iter(blocks.values()))["matrices"])
+    lines.append("### Precision after the last task (%)")
+    lines.append("")
+    lines.append("| task | " + " | ".join(f"{m} {k}" for m in modes for k in keys) + " |")
+    lines.append("|---|" + "---|" * (len(modes) * len(keys)))
+    for t, name in enumerate(names):
+        cells = [_fmt(blocks[m]["matrices"][k][-1][t]) if blocks[m]["matrices"][k] else "–" for m in modes for k in keys]
+        lines.append(f"| {t} {name} | " + " | ".join(cells) + " |")
+    for label, key in (("final average", "final_average"), ("stage-averaged", "stage_averaged"),
+                       ("forgetting", "forgetting"), ("backward transfer", "backward_transfer")):
+        cells = [_fmt(blocks[m]["summary"][k][key]) if blocks[m]["summary"] else "–" for m in modes for k in keys]
+        lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+    routing = blocks.get("auto", {}).get("routing_accuracy")
+    if routing:
+        lines.append("")
+        lines.append("Routing (task-ID) accuracy on the image feature after each stage: "
+                     + ", ".join(f"{100 * r:.1f} %" for r in routing) + ".")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_grounding_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
+    """Heatmaps of the Precision@1 matrix of every mode, and each task's P@1 across stages, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = results["task_names"]
+    blocks = results.get("grounding", {})
+    if not blocks or not next(iter(blocks.values()))["matrices"].get("P@1"):
+        return []
+    written = []
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.5 * len(blocks), 4.2), squeeze=False)
+    for ax, (mode, block) in zip(axes[0], blocks.items()):
+        data = np.array([[np.nan if v is None else v for v in row] for row in block["matrices"]["P@1"]], dtype=float)
+        image = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
+        ax.set_title(f"P@1 ({mode})")
+        ax.set_xlabel("task evaluated")
+        ax.set_ylabel("after training task")
+        ax.set_xticks(range(len(names)), [n[:10] for n in names], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(data.shape[0]))
+        for (i, j), v in np.ndenumerate(data):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    path = output_dir / "grounding_accuracy_matrix.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, style in zip(blocks, ("-", "--", ":")):
+        data = np.array([[np.nan if v is None else v for v in row] for row in blocks[mode]["matrices"]["P@1"]],
+                        dtype=float)
+        for t, name in enumerate(names):
+            ax.plot(range(data.shape[0]), data[:, t], style, marker="o", color=f"C{t}",
+                    label=f"{t} {name}" if mode == next(iter(blocks)) else None)
+    ax.set_xlabel("stage (after training task)")
+    ax.set_ylabel("P@1 (%)")
+    ax.set_title("P@1 of each task across stages (" + ", ".join(
+        f"{s} {m}" for m, s in zip(blocks, ("solid", "dashed", "dotted"))) + ")", fontsize=9)
+    ax.legend(fontsize=7)
+    path = output_dir / "grounding_precision_across_stages.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
 def write_report(results: dict[str, Any], output_dir: str | Path, model: Any = None) -> str:
     """Write results.json, results.md and the plots; print and return the markdown table."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(output_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
-    table = markdown_table(results)
+    if results.get("problem") == "grounding":  # GroundingEvaluator.summarize: REC Precision@k, not recall
+        table = grounding_markdown_table(results) + "\n" + markdown_table(results)
+        title, plot = "# Continual grounding (REC) results\n\n", plot_grounding_results
+    else:
+        table, title, plot = markdown_table(results), "# Continual retrieval results\n\n", plot_results
     with atomic_path(output_dir / "results.md") as tmp:
-        tmp.write_text("# Continual retrieval results\n\n" + table)
-    plot_results(results, output_dir)
+        tmp.write_text(title + table)
+    plot(results, output_dir)
     print(table)
     return table
