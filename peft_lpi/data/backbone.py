@@ -239,12 +239,18 @@ def pretrain_backbone(
     metadata = _metadata(seed, steps, batch_size, lr, num_pairs)
     metadata["heldout_generic"] = {"gallery": heldout_pairs, **{k: round(v, 2) for k, v in recall.items()}}
 
+    processor = world_image_processor(mean.tolist(), std.tolist())
+    return save_cached_folder(target, [model, tokenizer, processor], METADATA_FILE, metadata)
+
+
+def save_cached_folder(target: Path, parts: Iterable[Any], metadata_file: str, metadata: dict[str, Any]) -> Path:
+    """Write `parts` (each with `save_pretrained`) and `metadata_file` into a temporary folder next to `target`, then
+    put it in place of `target` in one rename: an interrupted save leaves the previous cache untouched."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        world_image_processor(mean.tolist(), std.tolist()).save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        for part in parts:
+            part.save_pretrained(tmp)
+        (tmp / metadata_file).write_text(json.dumps(metadata, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a cache folder follows the umask
@@ -268,16 +274,25 @@ def _replace_dir(src: Path, target: Path) -> None:
 
 def default_cache_dir(seed: int = 0) -> Path:
     """``$PEFT_LPI_CACHE/world-backbone-v1-seed{seed}`` (root defaults to ``~/.cache/peft_lpi``)."""
-    root = Path(os.environ.get("PEFT_LPI_CACHE", "~/.cache/peft_lpi")).expanduser()
-    return root / f"{BACKBONE_FORMAT}-seed{seed}"
+    return cache_root() / f"{BACKBONE_FORMAT}-seed{seed}"
+
+
+def cache_root() -> Path:
+    """Where offline backbones are cached: ``$PEFT_LPI_CACHE``, default ``~/.cache/peft_lpi``."""
+    return Path(os.environ.get("PEFT_LPI_CACHE", "~/.cache/peft_lpi")).expanduser()
+
+
+def read_metadata_file(path: str | os.PathLike[str], metadata_file: str) -> dict[str, Any] | None:
+    """A cached folder's JSON metadata file, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(path) / metadata_file).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def read_backbone_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``world_backbone.json`` of a saved backbone, or None when absent or unreadable."""
-    try:
-        return json.loads((Path(path) / METADATA_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_metadata_file(path, METADATA_FILE)
 
 
 def get_offline_backbone(

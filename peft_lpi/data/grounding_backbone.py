@@ -17,10 +17,7 @@ vocabulary; a padded query row (all ``[PAD]`` = 0) is what OWL treats as "no que
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from transformers import OwlViTConfig, OwlViTForObjectDetection, PreTrainedToken
 
 from ..continual.grounding_loss import rec_loss, rec_predictions, select_query_pairs
 from ..evaluation.grounding import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, rec_precision
-from .backbone import _cosine_lr, _replace_dir
+from .backbone import _cosine_lr, cache_root, read_metadata_file, save_cached_folder
 from .grounding_world import GROUNDING_WORLD_VERSION, MAX_OBJECTS, SCENE_SIZE, Scene, render_generic_scenes
 from .world import WORLD_VOCABULARY
 
@@ -272,34 +269,18 @@ def pretrain_grounding_backbone(
     metadata = _metadata(seed, steps, batch_size, lr, num_scenes)
     metadata["heldout_generic"] = {"scenes": heldout_scenes, **{k: round(v, 2) for k, v in precision.items()}}
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        grounding_image_processor(mean.tolist(), std.tolist()).save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        _replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    processor = grounding_image_processor(mean.tolist(), std.tolist())
+    return save_cached_folder(target, [model, tokenizer, processor], METADATA_FILE, metadata)
 
 
 def default_grounding_cache_dir(seed: int = 0) -> Path:
     """``$PEFT_LPI_CACHE/grounding-backbone-v1-seed{seed}`` (root defaults to ``~/.cache/peft_lpi``)."""
-    root = Path(os.environ.get("PEFT_LPI_CACHE", "~/.cache/peft_lpi")).expanduser()
-    return root / f"{GROUNDING_BACKBONE_FORMAT}-seed{seed}"
+    return cache_root() / f"{GROUNDING_BACKBONE_FORMAT}-seed{seed}"
 
 
 def read_grounding_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``grounding_backbone.json`` of a saved backbone, or None when absent or unreadable."""
-    try:
-        return json.loads((Path(path) / METADATA_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_metadata_file(path, METADATA_FILE)
 
 
 def get_grounding_backbone(
