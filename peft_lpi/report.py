@@ -145,16 +145,7 @@ def plot_results(results: dict[str, Any], output_dir: Path, variant: str = "stri
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, key in zip(axes, ("i2t_R@1", "t2i_R@1")):
-            data = np.array([[np.nan if v is None else v for v in row] for row in matrices[key]], dtype=float)
-            image = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
-            ax.set_title(f"{key} ({mode})")
-            ax.set_xlabel("task evaluated")
-            ax.set_ylabel("after training task")
-            ax.set_xticks(range(len(names)), [n[:10] for n in names], rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(data.shape[0]))
-            for (i, j), v in np.ndenumerate(data):
-                if not np.isnan(v):
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+            image = _draw_accuracy_matrix(ax, matrices[key], f"{key} ({mode})", names)
         fig.colorbar(image, ax=axes, shrink=0.8)
         path = output_dir / f"accuracy_matrix_{mode}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -220,16 +211,7 @@ def plot_grounding_results(results: dict[str, Any], output_dir: Path) -> list[Pa
     written = []
     fig, axes = plt.subplots(1, len(blocks), figsize=(4.5 * len(blocks), 4.2), squeeze=False)
     for ax, (mode, block) in zip(axes[0], blocks.items()):
-        data = np.array([[np.nan if v is None else v for v in row] for row in block["matrices"]["P@1"]], dtype=float)
-        image = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"P@1 ({mode})")
-        ax.set_xlabel("task evaluated")
-        ax.set_ylabel("after training task")
-        ax.set_xticks(range(len(names)), [n[:10] for n in names], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(data.shape[0]))
-        for (i, j), v in np.ndenumerate(data):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+        image = _draw_accuracy_matrix(ax, block["matrices"]["P@1"], f"P@1 ({mode})", names)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     path = output_dir / "grounding_accuracy_matrix.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -271,3 +253,20 @@ def write_report(results: dict[str, Any], output_dir: str | Path, model: Any = N
     plot(results, output_dir)
     print(table)
     return table
+
+
+def _draw_accuracy_matrix(ax: Any, matrix: list[list[float | None]], title: str, names: list[str]) -> Any:
+    """One accuracy matrix (stage x task, percent; None = not yet learned) as an annotated heat map on `ax`."""
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    image = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
+    ax.set_title(title)
+    ax.set_xlabel("task evaluated")
+    ax.set_ylabel("after training task")
+    ax.set_xticks(range(len(names)), [n[:10] for n in names], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(data.shape[0]))
+    for (i, j), v in np.ndenumerate(data):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+    return image
