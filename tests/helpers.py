@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from collections.abc import Iterable
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
@@ -274,3 +278,15 @@ def reference_clip_image(clip, prompts: torch.Tensor, pixel_values):
     hidden = vm.pre_layrnorm(vm.embeddings(pixel_values))
     hidden, states = _run_layers(vm.encoder.layers, hidden, prompts, lambda p: None)
     return clip.visual_projection(vm.post_layernorm(hidden[:, 0])), states
+
+
+def run_command(command: list[str], env: dict[str, str], timeout: float = 240) -> None:
+    """Run a (multi-process) test script in its own session; kill the whole group past `timeout`; fail on non-zero."""
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{command} timed out")
+    assert process.returncode == 0, output.decode()[-4000:]

@@ -5,32 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_command
 
 SCRIPT = Path(__file__).with_name("dist_eval_count.py")
-
-
-def run(command: list[str], env: dict[str, str], timeout: float = 240) -> None:
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"{command} timed out")
-    assert process.returncode == 0, output.decode()[-4000:]
 
 
 @pytest.mark.distributed
 def test_two_process_evaluation_encodes_each_split_once_per_mode(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "1"], env)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    run_command([sys.executable, str(SCRIPT), str(tmp_path / "one"), "1"], env)
+    run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(SCRIPT), str(tmp_path / "two"), "2"], env)
     one = json.loads((tmp_path / "one" / "counts.json").read_text())
     two = json.loads((tmp_path / "two" / "counts.json").read_text())
