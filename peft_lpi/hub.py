@@ -142,7 +142,7 @@ def model_card(
     task_names += [f"task_{i}" for i in range(len(task_names), num_tasks)]
     if trainable_parameters is None and results:
         trainable_parameters = results.get("trainable_parameters_per_task")
-    grounding = is_grounding_results(results)
+    grounding = _is_grounding_results(results)
     tags = list(dict.fromkeys((GROUNDING_CARD_TAGS if grounding else LPI_CARD_TAGS) + list(extra_tags or [])))
     card_data: dict[str, Any] = {"library_name": "peft", "tags": tags}
     if grounding:
@@ -184,7 +184,7 @@ def model_card(
     lines += ["", "## Results", ""]
     table = markdown_table(results) if results and not grounding else ""
     if grounding:
-        lines += grounding_results_section(results)
+        lines += _grounding_results_section(results)
     elif table.strip():
         lines += [
             "Retrieval recall (%) on the joint validation gallery of all tasks after the last task, with the true "
@@ -248,12 +248,12 @@ _GROUNDING_INTRO = (
 )
 
 
-def is_grounding_results(results: dict[str, Any] | None) -> bool:
+def _is_grounding_results(results: dict[str, Any] | None) -> bool:
     """Whether a results dict is a grounding (REC) run's (`GroundingEvaluator.summarize` wrote it)."""
     return bool(results) and (results.get("problem") == "grounding" or "grounding" in results)
 
 
-def grounding_results_section(results: dict[str, Any]) -> list[str]:
+def _grounding_results_section(results: dict[str, Any]) -> list[str]:
     """The card's grounding results: Precision@k per task and mode after the last task, the continual summary
     (final average, stage-averaged, forgetting, backward transfer) and the routing accuracy after each stage."""
     table = grounding_markdown_table(results)
