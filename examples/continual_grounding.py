@@ -94,7 +94,8 @@ REFCOCO_DATASETS = ("refcoco", "refcoco+", "refcocog")  # one builder: the annot
 
 @dataclass
 class GroundingDataArguments:
-    """Where the REC data comes from (the offline world, RefCOCO-family files, or any `datasets` dataset)."""
+    """Where the REC data comes from (the offline world, RefCOCO-family files, or any `datasets` dataset), and the
+    Hub upload after training."""
 
     dataset: str = field(
         default=OFFLINE,
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
+    source = load_grounding_data(args, data_args)  # before the model: bad data flags fail fast
+
     path = args.model
     if path == OFFLINE:
         from peft_lpi.data.grounding_backbone import get_grounding_backbone
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = OwlViTForObjectDetection.from_pretrained(path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
 
-    data = prepare_grounding_dataset(load_grounding_data(args, data_args))
+    data = prepare_grounding_dataset(source)
     if train_args.preprocess_images is None:
         train_args.preprocess_images = args.model == OFFLINE
     if train_args.preprocess_images:  # process every image once (the evaluator reads the same preprocessed split)
