@@ -10,8 +10,15 @@ results.md and plots to --output_dir:
 
 The same ContinualTrainer loop as retrieval (`examples/continual_retrieval.py`): checkpoints per task, resume with
 `--resume_from_checkpoint true`, several processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 ...`).
-A real OWL-ViT (`--model google/owlvit-base-patch32`) with any REC dataset in the shared schema
-(`peft_lpi.data.grounding`, e.g. `peft_lpi.data.refcoco`) is the same code; docs/grounding.md has the commands.
+Real data (docs/grounding.md has the full commands): RefCOCO / RefCOCO+ / RefCOCOg from MDETR's files
+
+    accelerate launch examples/continual_grounding.py --model google/owlv2-base-patch16-ensemble --dataset refcoco \
+        --train_annotations mdetr_annotations/final_refcoco_train.json \
+        --val_annotations mdetr_annotations/final_refcoco_val.json --image_dir coco/train2014
+
+or from the refer toolkit's pickles (`--refs_file 'refcoco/refs(unc).p' --instances_file refcoco/instances.json`), or
+any `datasets` dataset with image / expression / box / task columns (`--dataset FOLDER_OR_HUB_ID`, column flags).
+`--push_to_hub user/name` uploads the adapter with a model card of the grounding results.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ import os
 
 # Busy CPUs: spinning OpenMP threads slow every step 4-10x when another process shares the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 from accelerate import Accelerator
 from peft import get_peft_model
@@ -79,15 +89,244 @@ class GroundingArguments:
     cpu_threads: int | None = field(default=None, metadata={"help": "Torch threads per process on CPU."})
 
 
+REFCOCO_DATASETS = ("refcoco", "refcoco+", "refcocog")  # one builder: the annotation files decide the variant
+
+
+@dataclass
+class GroundingDataArguments:
+    """Where the REC data comes from (the offline world, RefCOCO-family files, or any `datasets` dataset), and the
+    Hub upload after training."""
+
+    dataset: str = field(
+        default=OFFLINE,
+        metadata={"help": f"'{OFFLINE}' (the offline grounding world), 'refcoco' / 'refcoco+' / 'refcocog' (from "
+                  "--train_annotations/--val_annotations or --refs_file/--instances_file, images in --image_dir), "
+                  "or a `datasets` folder (save_to_disk) or Hub id with image / expression / box / task columns."},
+    )
+    train_annotations: str | None = field(
+        default=None, metadata={"help": "RefCOCO*: MDETR training file, e.g. final_refcoco_train.json."}
+    )
+    val_annotations: str | None = field(
+        default=None, metadata={"help": "RefCOCO*: MDETR evaluation file, e.g. final_refcoco_val.json."}
+    )
+    image_dir: str | None = field(default=None, metadata={"help": "RefCOCO*: the COCO 2014 train2014/ folder."})
+    refs_file: str | None = field(
+        default=None, metadata={"help": "RefCOCO* from the refer toolkit: refs(unc).p / refs(umd).p / refs(google).p."}
+    )
+    instances_file: str | None = field(default=None, metadata={"help": "RefCOCO* (refer): the dataset's instances.json."})
+    refer_train_split: str = field(default="train", metadata={"help": "RefCOCO* (refer): training refs' split."})
+    refer_val_split: str = field(
+        default="val", metadata={"help": "RefCOCO* (refer): evaluation refs' split (val, testA, testB, test)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "`datasets` dataset: training split."})
+    eval_split: str = field(default="validation", metadata={"help": "`datasets` dataset: evaluation split."})
+    image_column: str = field(default="image", metadata={"help": "`datasets` dataset: image column."})
+    expression_column: str = field(default="expression", metadata={"help": "`datasets` dataset: expression column."})
+    box_column: str = field(default="box", metadata={"help": "`datasets` dataset: box column (absolute pixels)."})
+    box_format: str = field(default="xyxy", metadata={"help": "`datasets` dataset: 'xyxy' or COCO 'xywh' boxes."})
+    task_column: str = field(default="task", metadata={"help": "`datasets` dataset: task column."})
+    image_id_column: str = field(
+        default="image_id", metadata={"help": "`datasets` dataset: image id column (absent: the row index)."}
+    )
+    task_order: list[str] | None = field(
+        default=None,
+        metadata={"help": "Tasks in continual order (RefCOCO*: supercategories; default the authors' 12-task order; "
+                  "`datasets`: default the task column's ClassLabel names or first-seen order)."},
+    )
+    max_per_task: list[int] | None = field(
+        default=None,
+        metadata={"help": "Keep at most N samples per task: one value for both splits or TRAIN VAL; 0 = no cap. "
+                  "Default: RefCOCO* the authors' caps (2000 500), `datasets` no cap."},
+    )
+    sample_seed: int | None = field(
+        default=None,
+        metadata={"help": "With caps, keep a random subset drawn with this seed instead of the first samples."},
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "After training, upload the adapter with a model card of the grounding results to this "
+                  "Hub repo (user/name; main process only; needs `hf auth login`). LPI adapters only."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the --push_to_hub repo as private."})
+
+
+def _fail(message: str) -> None:
+    """A command-line mistake: exit with the message (no traceback), as the retrieval example does."""
+    sys.exit(message)
+
+
+def _caps(data_args: GroundingDataArguments, default: dict[str, int] | None) -> dict[str, int | None]:
+    """{"train": cap, "validation": cap} from --max_per_task (0: no cap)."""
+    values = data_args.max_per_task
+    if not values:
+        return {"train": None, "validation": None} if default is None else dict(default)
+    if len(values) > 2 or any(v < 0 for v in values):
+        _fail(f"--max_per_task takes one or two counts >= 0 (TRAIN [VAL]; 0 = no cap), got {values}.")
+    train, val = values[0], values[-1]
+    return {"train": train or None, "validation": val or None}
+
+
+def _require_file(path: str | None, flag: str, what: str) -> str:
+    if not path:
+        _fail(f"--dataset with RefCOCO files needs {flag} ({what}).")
+    if not os.path.isfile(path):
+        _fail(f"{flag}: {what} not found at {path!r}.")
+    return path
+
+
+def _check_images(data: datasets.DatasetDict, flag: str) -> None:
+    """Every image path exists (one clear error instead of a decoding failure in the middle of a run)."""
+    for name, split in data.items():
+        paths = [image["path"] for image in split.cast_column("image", datasets.Image(decode=False))["image"]]
+        missing = [p for p in paths if p and not os.path.isfile(p)]
+        if missing:
+            _fail(f"{len(missing)} of the {len(paths)} {name} images are missing, e.g. {missing[0]!r}: {flag} must be "
+                  "the folder that holds the annotation files' `file_name`s (COCO 2014 train2014/ for RefCOCO*).")
+
+
+def load_refcoco(data_args: GroundingDataArguments, task_order: list[str]) -> datasets.DatasetDict:
+    """RefCOCO / RefCOCO+ / RefCOCOg train + validation from MDETR files or refer pickles, one task per supercategory."""
+    from peft_lpi.data.refcoco import REFCOCO_CAPS, build_refcoco_mdetr, build_refcoco_refer
+
+    caps = _caps(data_args, REFCOCO_CAPS)
+    if not data_args.image_dir or not os.path.isdir(data_args.image_dir):
+        _fail(f"--dataset {data_args.dataset} needs --image_dir, the COCO 2014 train2014/ folder "
+              f"(got {data_args.image_dir!r}).")
+    common = dict(task_order=task_order, shuffle_seed=data_args.sample_seed)
+    if data_args.refs_file or data_args.instances_file:
+        refs = _require_file(data_args.refs_file, "--refs_file", "the refer refs(...).p file")
+        instances = _require_file(data_args.instances_file, "--instances_file", "the refer instances.json")
+        splits = {"train": data_args.refer_train_split, "validation": data_args.refer_val_split}
+        data = datasets.DatasetDict({
+            name: build_refcoco_refer(refs, instances, data_args.image_dir, splits=split,
+                                      max_per_task=caps[name], **common)
+            for name, split in splits.items()
+        })
+    else:
+        files = {"train": _require_file(data_args.train_annotations, "--train_annotations", "the MDETR training file"),
+                 "validation": _require_file(data_args.val_annotations, "--val_annotations",
+                                             "the MDETR evaluation file")}
+        data = datasets.DatasetDict({
+            name: build_refcoco_mdetr(path, data_args.image_dir, max_per_task=caps[name], **common)
+            for name, path in files.items()
+        })
+    _check_images(data, "--image_dir")
+    return data
+
+
+def _cap_per_task(split: datasets.Dataset, cap: int | None, seed: int | None) -> datasets.Dataset:
+    """The first `cap` rows of every task (a seeded random `cap` with `seed`), in the split's order."""
+    if cap is None:
+        return split
+    import random
+
+    by_task: dict[int, list[int]] = {}
+    for i, task in enumerate(split["task"]):
+        by_task.setdefault(task, []).append(i)
+    keep = []
+    for task, rows in by_task.items():
+        if seed is not None:
+            rows = random.Random(f"{seed}-{task}").sample(rows, len(rows))
+        keep += rows[:cap]
+    return split.select(sorted(keep))
+
+
+def load_datasets_source(data_args: GroundingDataArguments, max_tasks: int | None) -> datasets.DatasetDict:
+    """Any `datasets` dataset (a save_to_disk folder or a Hub id) with image / expression / box / task columns."""
+    from peft_lpi.data.grounding import as_grounding_dataset
+
+    source = data_args.dataset
+    if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f)) for f in ("dataset_dict.json",
+                                                                                          "state.json")):
+        loaded = datasets.load_from_disk(source)
+    else:
+        loaded = datasets.load_dataset(source)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({data_args.train_split: loaded})
+    splits = {"train": data_args.train_split, "validation": data_args.eval_split}
+    for flag, split in (("--train_split", data_args.train_split), ("--eval_split", data_args.eval_split)):
+        if split not in loaded:
+            _fail(f"--dataset {source}: no split {split!r} ({flag}); its splits are {sorted(loaded)}.")
+    columns = {"--image_column": data_args.image_column, "--expression_column": data_args.expression_column,
+               "--box_column": data_args.box_column, "--task_column": data_args.task_column}
+    for split in splits.values():
+        present = loaded[split].column_names
+        missing = [f"{column!r} ({flag})" for flag, column in columns.items() if column not in present]
+        if missing:
+            _fail(f"--dataset {source}: the {split} split has no column {', '.join(missing)}; its columns are "
+                  f"{present}. Name the right ones with --image_column / --expression_column / --box_column / "
+                  "--task_column.")
+    kwargs = dict(image_column=data_args.image_column, expression_column=data_args.expression_column,
+                  box_column=data_args.box_column, task_column=data_args.task_column,
+                  image_id_column=data_args.image_id_column, box_format=data_args.box_format)
+    train = as_grounding_dataset(loaded[splits["train"]], task_names=data_args.task_order, **kwargs)
+    names = list(train.features["task"].names)
+    if max_tasks:
+        names = names[:max_tasks]
+    data = {"train": as_grounding_dataset(loaded[splits["train"]], task_names=names, **kwargs) if max_tasks
+            else train,
+            "validation": as_grounding_dataset(loaded[splits["validation"]], task_names=names, **kwargs)}
+    caps = _caps(data_args, None)
+    return datasets.DatasetDict({name: _cap_per_task(split, caps[name], data_args.sample_seed)
+                                 for name, split in data.items()})
+
+
+def require_every_task(data: datasets.DatasetDict, fix: str) -> None:
+    """Every task has samples in every split, or a clear error naming the task, the split and the fix."""
+    names = list(data["train"].features["task"].names)
+    for split_name, split in data.items():
+        counts = Counter(split["task"])
+        for t, name in enumerate(names):
+            if not counts[t]:
+                _fail(f"task {name!r} has no samples in the {split_name} split after filtering "
+                      f"({len(split)} samples over {len(counts)} tasks): {fix}")
+
+
+def load_grounding_data(args: GroundingArguments, data_args: GroundingDataArguments) -> datasets.DatasetDict:
+    """The run's REC DatasetDict (train + validation) in the shared schema, every task non-empty."""
+    dataset = data_args.dataset
+    if dataset == OFFLINE:
+        given = [f"--{name}" for name in ("train_annotations", "val_annotations", "image_dir", "refs_file",
+                                          "instances_file", "task_order", "max_per_task")
+                 if getattr(data_args, name)]
+        if given:
+            _fail(f"{', '.join(given)} select real data: add --dataset refcoco (or a `datasets` folder / Hub id).")
+        from peft_lpi.data.grounding_world import GROUNDING_TASKS, build_grounding_benchmark
+
+        tasks = GROUNDING_TASKS[: args.max_tasks] if args.max_tasks else GROUNDING_TASKS
+        return datasets.DatasetDict(
+            build_grounding_benchmark(args.world_seed, args.train_per_task, args.val_per_task, tasks=tasks)
+        )
+    if dataset.lower() in REFCOCO_DATASETS:
+        from peft_lpi.data.coco import COCO_TASK_ORDER
+
+        order = list(data_args.task_order or COCO_TASK_ORDER)
+        unknown = [name for name in order if name not in COCO_TASK_ORDER]
+        if unknown:
+            _fail(f"--task_order: {unknown} are not COCO supercategories; choose from {COCO_TASK_ORDER}.")
+        data = load_refcoco(data_args, order[: args.max_tasks] if args.max_tasks else order)
+        fix = ("the annotation files hold no usable referred object of that supercategory (see the warnings above "
+               "for skipped samples); check --train_annotations / --val_annotations (or --refs_file and "
+               "--refer_*_split), or leave the task out with --task_order or --max_tasks.")
+    else:
+        data = load_datasets_source(data_args, args.max_tasks)
+        fix = (f"check --task_column ({data_args.task_column!r}) and the splits (--train_split / --eval_split), or "
+               "leave the task out with --task_order.")
+    require_every_task(data, fix)
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((GroundingArguments, ContinualTrainingArguments))
+    parser = HfArgumentParser((GroundingArguments, GroundingDataArguments, ContinualTrainingArguments))
     parser.set_defaults(**OFFLINE_TRAINING_DEFAULTS)
     parser._option_string_actions["--eval_routing"].help = "Modes to evaluate: zero-shot, oracle, auto."
     parser._option_string_actions["--recall_ks"].help = "Precision@k cut-offs."
-    args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+
+    source = load_grounding_data(args, data_args)  # before the model: bad data flags fail fast
 
     path = args.model
     if path == OFFLINE:
@@ -99,11 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = OwlViTForObjectDetection.from_pretrained(path)
     tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
 
-    from peft_lpi.data.grounding_world import GROUNDING_TASKS, build_grounding_benchmark
-
-    tasks = GROUNDING_TASKS[: args.max_tasks] if args.max_tasks else GROUNDING_TASKS
-    data = prepare_grounding_dataset(build_grounding_benchmark(args.world_seed, args.train_per_task,
-                                                               args.val_per_task, tasks=tasks))
+    data = prepare_grounding_dataset(source)
     if train_args.preprocess_images is None:
         train_args.preprocess_images = args.model == OFFLINE
     if train_args.preprocess_images:  # process every image once (the evaluator reads the same preprocessed split)
@@ -119,6 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     method = LPIGroundingMethod(model)
+    if data_args.push_to_hub:
+        from peft_lpi.hub import is_lpi_model
+
+        if not is_lpi_model(model):  # refuse before training, not after it
+            _fail("--push_to_hub uploads LPI adapters; this run does not produce one.")
     limit = text_token_limit(model, tokenizer)  # shallow injection puts P prompts into every token sequence
     collator = GroundingCollator(image_processor, tokenizer,
                                  max_length=None if limit is None else limit - text_prompt_positions(model))
@@ -132,7 +372,18 @@ def main(argv: list[str] | None = None) -> dict:
         evaluator=evaluator, data_collator=collator,
         task_similarity=grounding_task_similarity(model, tokenizer, names),
     )
-    return trainer.train()
+    results = trainer.train()
+    if data_args.push_to_hub and accelerator.is_main_process:
+        push_grounding_adapter(trainer.model, data_args, results)
+    return results
+
+
+def push_grounding_adapter(model: torch.nn.Module, data_args: GroundingDataArguments, results: dict) -> None:
+    """Upload the adapter, its task files, results.json and a model card with the grounding results."""
+    from peft_lpi.hub import push_adapter_to_hub
+
+    push_adapter_to_hub(model, data_args.push_to_hub, results=results, private=data_args.hub_private)
+    print(f"Pushed the adapter and its model card to the Hub repo {data_args.push_to_hub}.")
 
 
 if __name__ == "__main__":

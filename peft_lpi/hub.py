@@ -32,9 +32,13 @@ from typing import Any
 import huggingface_hub
 
 from ._version import __version__
-from .report import jsonable, markdown_table
+from .report import grounding_markdown_table, jsonable, markdown_table
 
 LPI_CARD_TAGS = ["peft", "lpi", "continual-learning", "vision-language", "retrieval", "clip"]
+# Cards of grounding (REC) adapters: the detector's Hub task instead of retrieval.
+GROUNDING_CARD_TAGS = ["peft", "lpi", "continual-learning", "vision-language", "referring-expression-comprehension",
+                       "visual-grounding"]
+GROUNDING_PIPELINE_TAG = "zero-shot-object-detection"
 TASKS_FOLDER = "tasks"
 RESULTS_FILE = "results.json"
 DEFAULT_COMMIT_MESSAGE = "Upload LPI adapter"
@@ -117,6 +121,8 @@ def model_card(
 
     Args:
         results: the results dict of a `ContinualTrainer` run (recall per task, forgetting, routing accuracy), or None.
+            A grounding run's (the ``"grounding"`` key of `GroundingEvaluator.summarize`) gets the REC card: its
+            tags, pipeline tag, Precision@k tables and a detector loading snippet.
         config: the `LPIConfig` (or its dict).
         base_model: Hub id or path of the frozen backbone; it goes into the YAML `base_model` only when it looks
             like a Hub id (`owner/name`), since the Hub validates that field.
@@ -136,8 +142,11 @@ def model_card(
     task_names += [f"task_{i}" for i in range(len(task_names), num_tasks)]
     if trainable_parameters is None and results:
         trainable_parameters = results.get("trainable_parameters_per_task")
-    tags = list(dict.fromkeys(LPI_CARD_TAGS + list(extra_tags or [])))
+    grounding = _is_grounding_results(results)
+    tags = list(dict.fromkeys((GROUNDING_CARD_TAGS if grounding else LPI_CARD_TAGS) + list(extra_tags or [])))
     card_data: dict[str, Any] = {"library_name": "peft", "tags": tags}
+    if grounding:
+        card_data["pipeline_tag"] = GROUNDING_PIPELINE_TAG
     if is_hub_id(base_model):
         card_data["base_model"] = base_model
     front_matter = huggingface_hub.ModelCardData(**card_data).to_yaml()
@@ -148,6 +157,7 @@ def model_card(
     lines += [
         f"# LPI adapter for `{base}`" if base_model else "# LPI adapter",
         "",
+        _GROUNDING_INTRO if grounding else
         "Low-rank Prompt Interaction (LPI, *Low-rank Prompt Interaction for Continual Vision-Language Retrieval*, "
         "ACM MM 2024) prompts for a frozen dual encoder, trained task after task with "
         "`peft_lpi` as a PEFT method. The adapter holds one low-rank factor set per task "
@@ -172,8 +182,10 @@ def model_card(
         if key in config_dict:
             lines.append(f"| `{key}` | {_fmt_value(config_dict[key])} |")
     lines += ["", "## Results", ""]
-    table = markdown_table(results) if results else ""
-    if table.strip():
+    table = markdown_table(results) if results and not grounding else ""
+    if grounding:
+        lines += _grounding_results_section(results)
+    elif table.strip():
         lines += [
             "Retrieval recall (%) on the joint validation gallery of all tasks after the last task, with the true "
             "task (oracle) and with inferred tasks (auto); forgetting is last minus best earlier recall per task.",
@@ -189,18 +201,9 @@ def model_card(
         "`import peft_lpi` must run before loading: it registers the LPI method with PEFT (without it PEFT raises "
         "`KeyError: 'LPI'`).",
         "",
-        "```python",
-        "import peft_lpi  # registers LPI with PEFT",
-        "from peft import PeftModel",
-        "from transformers import AutoModel",
-        "",
-        f'base = AutoModel.from_pretrained("{base}")',
-        f'model = PeftModel.from_pretrained(base, "{repo}").eval()',
-        'model.set_task("auto")  # route each image / caption to its task with the stored keys',
-        "image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output",
-        "text_embeds = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output",
-        "```",
-        "",
+    ]
+    lines += _grounding_usage(base, repo) if grounding else _retrieval_usage(base, repo)
+    lines += [
         "One task on its own (into an adapter on the same backbone with the same LPI shape), keys included:",
         "",
         "```python",
@@ -215,6 +218,78 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _retrieval_usage(base: str, repo: str) -> list[str]:
+    return [
+        "```python",
+        "import peft_lpi  # registers LPI with PEFT",
+        "from peft import PeftModel",
+        "from transformers import AutoModel",
+        "",
+        f'base = AutoModel.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(base, "{repo}").eval()',
+        'model.set_task("auto")  # route each image / caption to its task with the stored keys',
+        "image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output",
+        "text_embeds = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output",
+        "```",
+        "",
+    ]
+
+
+_GROUNDING_INTRO = (
+    "Low-rank Prompt Interaction (LPI, *Low-rank Prompt Interaction for Continual Vision-Language Retrieval*, "
+    "ACM MM 2024) prompts for a frozen open-vocabulary detector, trained with `peft_lpi` as a PEFT method for "
+    "continual referring-expression comprehension (REC: an image and an expression -> the one box it refers to), "
+    "task after task. The adapter holds one low-rank factor set per task (layer factor shared by both towers, token "
+    "and hidden factors per tower, the multi-modal correlation module) and each task's k-means routing keys. The "
+    "detector's own box and class heads give the boxes; at inference the task of an image is routed from its "
+    "prompt-free image feature (as the authors' grounding code does) and its expression gets the same task."
+)
+
+
+def _is_grounding_results(results: dict[str, Any] | None) -> bool:
+    """Whether a results dict is a grounding (REC) run's (`GroundingEvaluator.summarize` wrote it)."""
+    return bool(results) and (results.get("problem") == "grounding" or "grounding" in results)
+
+
+def _grounding_results_section(results: dict[str, Any]) -> list[str]:
+    """The card's grounding results: Precision@k per task and mode after the last task, the continual summary
+    (final average, stage-averaged, forgetting, backward transfer) and the routing accuracy after each stage."""
+    table = grounding_markdown_table(results)
+    if not table.strip():
+        return ["_No grounding results were attached to this upload._"]
+    modes = ", ".join(f"`{m}`" for m in results["grounding"])
+    return [
+        "Referring-expression grounding Precision@k (%): a hit when one of the k best-scored boxes has IoU >= 0.5 "
+        "with the referred box, on the validation pairs of each task after the last task. Modes "
+        f"({modes}): `zero-shot` has the prompts off, `oracle` uses each pair's true task, `auto` the task routed from "
+        "the image feature. Final average: over the tasks after the last one; stage-averaged (the authors' figure): "
+        "per task the mean over the stages from the one that learned it, then over tasks; forgetting: best earlier "
+        "minus last Precision; backward transfer: last minus just-learned Precision (both over the earlier tasks).",
+        "",
+        table.rstrip(),
+    ]
+
+
+def _grounding_usage(base: str, repo: str) -> list[str]:
+    return [
+        "```python",
+        "import peft_lpi  # registers LPI with PEFT",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForZeroShotObjectDetection",
+        "from peft_lpi.continual.grounding import LPIGroundingMethod",
+        "",
+        f'base = AutoModelForZeroShotObjectDetection.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(base, "{repo}").eval()',
+        "# route each image to its task with the stored keys (prompt-free image feature), then detect",
+        'tasks = LPIGroundingMethod(model).encode("vision", {"pixel_values": pixel_values}, "auto")[1]',
+        "outputs = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, "
+        "task_ids=tasks)",
+        "best = outputs.logits[..., 0].argmax(-1)  # the expression's best-scored box: outputs.pred_boxes (cxcywh)",
+        "```",
+        "",
+    ]
 
 
 def _model_facts(peft_model: Any) -> dict[str, Any]:
