@@ -26,13 +26,18 @@ matched patch + cross-entropy over patches); features from the inner CLIP-like m
   tokens of its ``logits`` (sigmoid is monotone, so the ranking is that of transformers'
   ``post_process_grounded_object_detection``, which takes the max of the sigmoid over all text positions; here the
   ``[CLS]`` / ``.`` / ``[SEP]`` positions, which the model's loss trains as negatives, are left out);
-- loss: **the model's own loss**, by calling it with ``labels=[{"class_labels": [0], "boxes": [box]}]`` per image:
-  label 0 is the expression's phrase (transformers builds the label maps from the ``input_ids``), so the loss is
-  Grounding DINO's training loss for one box whose positive span is the whole expression: Hungarian matching
-  (with one target: the query of least cost), sigmoid focal loss over every (query, token) pair with the matched
-  query's phrase tokens positive (x2), box L1 (x ``bbox_loss_coefficient``) + gIoU (x ``giou_loss_coefficient``)
-  on the matched query, and the same on the two-stage encoder proposals. Why: the reference trained GLIP with
-  GLIP's own grounding loss; this is the same choice for Grounding DINO, with nothing re-implemented;
+- loss: **the model's own training loss** for one box whose positive span is the whole expression
+  (`grounding_dino_rec_loss`): transformers' Hungarian matcher (with one target: the query of least cost),
+  transformers' sigmoid focal loss over every valid (query, token) pair with the matched query's phrase tokens
+  positive (x2), box L1 (x ``bbox_loss_coefficient``) + gIoU (x ``giou_loss_coefficient``) on the matched query,
+  and the same on the two-stage encoder proposals; sums over the batch / number of boxes. Why: the reference
+  trained GLIP with GLIP's own grounding loss; this is the same choice for Grounding DINO. It is assembled here
+  rather than taken from the forward's ``labels=`` because transformers (5.x) builds the positive tokens of image
+  i > 0 from row ``label + len(label_maps[i])`` of the batch's stacked label maps instead of ``label + (labels
+  of the images before i)``: with one label per image, every image after the second is trained on the SECOND
+  image's token positions (tests/test_grounding_dino.py checks this function against ``labels=`` on each image
+  alone, where that indexing is right). The auxiliary per-decoder-layer losses (``config.auxiliary_loss``, off in
+  the released checkpoints) are not included;
 - image feature: the last Swin stage's map (``model.backbone.conv_encoder``), averaged over its positions. The
   reference flattens GLIP's last level, which needs one fixed image size and gives ~10^6 dimensions; the average
   is a compact summary of the same map. Its width is the Swin's last-stage width (``backbone_config.hidden_size``),
@@ -55,6 +60,8 @@ __all__ = [
     "GroundingDinoFamily",
     "GroundingFamily",
     "OwlFamily",
+    "fixed_canvas",
+    "grounding_dino_rec_loss",
     "grounding_family",
     "grounding_model_type",
 ]
@@ -217,13 +224,9 @@ class GroundingDinoFamily(GroundingFamily):
                 "loss, whose weights are in its config (bbox_loss_coefficient, giou_loss_coefficient, class_cost, "
                 "bbox_cost, giou_cost, focal_alpha)."
             )
-        boxes = batch["boxes"]
-        labels = [{"class_labels": torch.zeros(1, dtype=torch.long, device=boxes.device), "boxes": boxes[i : i + 1]}
-                  for i in range(boxes.shape[0])]
-        outputs = self.forward(model, batch, task_ids=task, labels=labels)
-        parts = outputs.loss_dict
-        return {"rec": outputs.loss, "box_l1": parts["loss_bbox"], "giou": parts["loss_giou"],
-                "classification": parts["loss_ce"]}
+        outputs = self.forward(model, batch, task_ids=task)
+        return grounding_dino_rec_loss(outputs, batch["input_ids"], batch["attention_mask"], batch["boxes"],
+                                       self.inner.config)
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The last Swin stage's map averaged over all its positions. `pixel_mask` is deliberately not used: the
@@ -263,3 +266,91 @@ def grounding_family(model: nn.Module) -> GroundingFamily:
         f"{type(model).__name__} is not a supported grounding detector: continual grounding runs on "
         f"OWL-ViT / OWLv2 (model_type {OWL_TYPES}) and Grounding DINO (model_type {GROUNDING_DINO_TYPES})."
     )
+
+
+def fixed_canvas(image_processor: Any) -> Any:
+    """Make a padding image processor (Grounding DINO's) pad every image to one fixed canvas, the largest its resize
+    can give (``longest_edge`` squared; ``height`` x ``width``; ``max_height`` x ``max_width``), and return it.
+
+    Why: it pads each batch to the batch's largest image, so an image's pixels, and its pooled backbone feature
+    (task keys, routing), would depend on which images share its batch. The ``pixel_mask`` keeps the detector
+    blind to the padding. Costs memory: a 640 x 480 COCO image resized to 1067 x 800 is padded to 1333 x 1333.
+    """
+    inner = getattr(image_processor, "image_processor", None) or image_processor
+    if not getattr(inner, "do_pad", False):
+        return image_processor
+    size = inner.size
+
+    def get(name: str) -> int | None:
+        value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+        return None if value is None else int(value)
+
+    if get("longest_edge") is not None:
+        height = width = get("longest_edge")
+    elif get("height") is not None and get("width") is not None:
+        height, width = get("height"), get("width")
+    elif get("max_height") is not None and get("max_width") is not None:
+        height, width = get("max_height"), get("max_width")
+    else:
+        raise ValueError(f"Cannot tell the largest image {type(inner).__name__} produces from its size {size}.")
+    inner.pad_size = {"height": height, "width": width}
+    return image_processor
+
+
+def grounding_dino_rec_loss(
+    outputs: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_boxes: torch.Tensor, config: Any
+) -> dict[str, torch.Tensor]:
+    """Grounding DINO's loss for one referred box per image, its positive span the expression's phrase tokens.
+
+    Args:
+        outputs: a ``GroundingDinoObjectDetectionOutput`` (``logits``, ``pred_boxes``; with ``config.two_stage``
+            also ``encoder_logits`` / ``encoder_pred_boxes``).
+        input_ids, attention_mask: the (B, L) text the model read.
+        target_boxes: (B, 4) referred boxes, cxcywh normalised.
+        config: the model's ``GroundingDinoConfig`` (matching costs, loss coefficients, focal alpha).
+
+    Returns:
+        {"rec": total, "box_l1", "giou", "classification": the final decoder layer's unweighted terms,
+        "encoder": the weighted encoder-proposal total (0 without two_stage)}.
+    """
+    from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher, sigmoid_focal_loss
+    from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
+
+    from ..evaluation.grounding import box_cxcywh_to_xyxy, paired_generalized_box_iou
+
+    batch, width = target_boxes.shape[0], outputs.logits.shape[-1]
+    maps = build_label_maps(outputs.logits, input_ids)
+    phrase = torch.stack([m.sum(0) > 0 for m in maps]).to(outputs.logits.dtype)  # (B, W)
+    if bool((phrase.sum(-1) == 0).any()):
+        raise ValueError("An expression of the batch has no phrase tokens: Grounding DINO cannot ground it.")
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=phrase.device)
+    valid[:, : min(width, attention_mask.shape[1])] = attention_mask[:, :width].bool()
+    matcher = GroundingDinoHungarianMatcher(
+        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+    )
+    targets = [{"class_labels": torch.zeros(1, dtype=torch.long, device=phrase.device), "boxes": target_boxes[i : i + 1]}
+               for i in range(batch)]
+    rows = torch.arange(batch, device=phrase.device)
+
+    def level(logits: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = matcher({"logits": logits, "pred_boxes": boxes, "label_maps": tuple(phrase[:, None])}, targets)
+        matched = torch.stack([i[0] for i in indices]).reshape(batch).to(phrase.device)
+        onehot = torch.zeros_like(logits)
+        onehot[rows, matched] = phrase
+        mask = valid[:, None, :].expand_as(logits)
+        ce = sigmoid_focal_loss(logits[mask], onehot[mask], num_boxes=batch, alpha=config.focal_alpha, gamma=2)
+        box = boxes[rows, matched]
+        l1 = (box - target_boxes).abs().sum() / batch
+        giou = (1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(box), box_cxcywh_to_xyxy(target_boxes))).sum() / batch
+        return ce, l1, giou
+
+    def weighted(ce: torch.Tensor, l1: torch.Tensor, giou: torch.Tensor) -> torch.Tensor:
+        # transformers' weights: loss_ce 2.0, loss_bbox bbox_loss_coefficient, loss_giou giou_loss_coefficient
+        return 2.0 * ce + config.bbox_loss_coefficient * l1 + config.giou_loss_coefficient * giou
+
+    ce, l1, giou = level(outputs.logits, outputs.pred_boxes)
+    encoder = ce.new_zeros(())
+    if config.two_stage and getattr(outputs, "encoder_logits", None) is not None:
+        encoder = weighted(*level(outputs.encoder_logits, outputs.encoder_pred_boxes))
+    return {"rec": weighted(ce, l1, giou) + encoder, "box_l1": l1, "giou": giou, "classification": ce,
+            "encoder": encoder}
