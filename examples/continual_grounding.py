@@ -10,7 +10,9 @@ results.md and plots to --output_dir:
 
 The same ContinualTrainer loop as retrieval (`examples/continual_retrieval.py`): checkpoints per task, resume with
 `--resume_from_checkpoint true`, several processes (`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 ...`).
-Real data (docs/grounding.md has the full commands): RefCOCO / RefCOCO+ / RefCOCOg from MDETR's files
+Grounding DINO (`--model IDEA-Research/grounding-dino-tiny`) is prompted with `LPIConfig(injection="additive")`
+(its Swin takes no extra tokens). Real data (docs/grounding.md has the full commands): RefCOCO / RefCOCO+ /
+RefCOCOg from MDETR's files
 
     accelerate launch examples/continual_grounding.py --model google/owlv2-base-patch16-ensemble --dataset refcoco \
         --train_annotations mdetr_annotations/final_refcoco_train.json \
@@ -35,20 +37,27 @@ import datasets
 import torch
 from accelerate import Accelerator
 from peft import get_peft_model
-from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, OwlViTForObjectDetection
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForZeroShotObjectDetection,
+    AutoTokenizer,
+    HfArgumentParser,
+    OwlViTForObjectDetection,
+)
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
 from peft_lpi import LPIConfig
 from peft_lpi.continual.grounding import (
-    GroundingCollator,
     GroundingEvaluator,
     LPIGroundingMethod,
+    grounding_collator,
     grounding_task_similarity,
     prepare_grounding_dataset,
 )
+from peft_lpi.continual.grounding_models import GROUNDING_DINO_TYPES, OWL_TYPES, fixed_canvas
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments, _indices_by_task
-from peft_lpi.data.preprocess import text_token_limit, with_pixel_values
-from peft_lpi.tuner.shallow import text_prompt_positions
+from peft_lpi.data.preprocess import with_pixel_values
 
 OFFLINE = "offline-grounding"
 
@@ -73,7 +82,9 @@ OFFLINE_TRAINING_DEFAULTS = dict(
 class GroundingArguments:
     model: str = field(
         default=OFFLINE,
-        metadata={"help": f"OWL-ViT Hub id or folder, or '{OFFLINE}' for the project's cached grounding backbone."},
+        metadata={"help": f"OWL-ViT / OWLv2 or Grounding DINO Hub id or folder (e.g. IDEA-Research/grounding-dino-tiny: "
+                          "its Swin tower takes LPI's prompts with injection='additive', set automatically), or "
+                          f"'{OFFLINE}' for the project's cached grounding backbone."},
     )
     backbone_cache: str | None = field(default=None, metadata={"help": "Folder of the cached grounding backbone."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the grounding world (and its backbone)."})
@@ -316,6 +327,29 @@ def load_grounding_data(args: GroundingArguments, data_args: GroundingDataArgume
     return data
 
 
+def load_detector(path: str, accelerator: Accelerator) -> tuple:
+    """The detector at `path` (OWL-ViT / OWLv2 or Grounding DINO, by its config's model_type), its tokenizer and
+    image processor, and the LPIConfig settings it needs: Grounding DINO's Swin tower cannot take extra tokens, so
+    it gets injection="additive" (prompts added to the top-left window of each stage's map and to BERT's first
+    positions, as the authors did for GLIP), and its image processor pads every image to one fixed canvas
+    (`fixed_canvas`: image features, hence keys and routing, must not depend on the batch)."""
+    model_type = AutoConfig.from_pretrained(path).model_type
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    if model_type in GROUNDING_DINO_TYPES:
+        if accelerator.is_main_process:
+            print(f"{path}: Grounding DINO (Swin + BERT): LPI prompts are additive (LPIConfig(injection='additive')); "
+                  "loss: the model's own; images padded to one fixed canvas.")
+        base = AutoModelForZeroShotObjectDetection.from_pretrained(path)
+        return base, tokenizer, fixed_canvas(image_processor), {"injection": "additive"}
+    if model_type not in OWL_TYPES:
+        raise ValueError(f"--model {path} is a {model_type!r} model; continual grounding runs on OWL-ViT / OWLv2 "
+                         f"{OWL_TYPES} and Grounding DINO {GROUNDING_DINO_TYPES} detectors.")
+    base = (OwlViTForObjectDetection if model_type == "owlvit" else AutoModelForZeroShotObjectDetection).from_pretrained(
+        path
+    )
+    return base, tokenizer, image_processor, {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((GroundingArguments, GroundingDataArguments, ContinualTrainingArguments))
     parser.set_defaults(**OFFLINE_TRAINING_DEFAULTS)
@@ -335,12 +369,16 @@ def main(argv: list[str] | None = None) -> dict:
         with accelerator.main_process_first():  # one process pretrains, the others reuse the cache
             path = str(get_grounding_backbone(args.backbone_cache, seed=args.world_seed,
                                               progress=accelerator.is_local_main_process))
-    base = OwlViTForObjectDetection.from_pretrained(path)
-    tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    base, tokenizer, image_processor, lpi_kwargs = load_detector(path, accelerator)
 
     data = prepare_grounding_dataset(source)
     if train_args.preprocess_images is None:
         train_args.preprocess_images = args.model == OFFLINE
+    if train_args.preprocess_images and lpi_kwargs.get("injection") == "additive":
+        raise ValueError(
+            "--preprocess_images true stores pixel_values only, but Grounding DINO's image processor pads every image "
+            "to a fixed canvas and the detector needs the pixel_mask: leave --preprocess_images off (the default)."
+        )
     if train_args.preprocess_images:  # process every image once (the evaluator reads the same preprocessed split)
         data = {name: with_pixel_values(split, image_processor) for name, split in data.items()}
         train_args.preprocess_images = False  # done here, not again in the trainer
@@ -349,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(train_args.seed)
     config = LPIConfig(num_tasks=len(names), prompt_length=args.prompt_length, prompt_depth=args.prompt_depth,
                        rank=args.rank, num_keys=args.num_keys, align_weight=args.align_weight,
-                       task_weight=args.task_weight)
+                       task_weight=args.task_weight, **lpi_kwargs)
     model = get_peft_model(base, config)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
@@ -359,9 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not is_lpi_model(model):  # refuse before training, not after it
             _fail("--push_to_hub uploads LPI adapters; this run does not produce one.")
-    limit = text_token_limit(model, tokenizer)  # shallow injection puts P prompts into every token sequence
-    collator = GroundingCollator(image_processor, tokenizer,
-                                 max_length=None if limit is None else limit - text_prompt_positions(model))
+    collator = grounding_collator(model, image_processor, tokenizer)  # texts written and truncated as the model needs
     evaluator = GroundingEvaluator(
         accelerator, method, data["validation"], _indices_by_task(data["validation"], names, "validation"), collator,
         modes=train_args.eval_routing, ks=train_args.recall_ks, batch_size=train_args.per_device_eval_batch_size,

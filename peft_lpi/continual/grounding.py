@@ -1,4 +1,6 @@
-"""Continual referring-expression grounding (REC) with LPI on an OWL-ViT / OWLv2 detector, in the ContinualTrainer.
+"""Continual referring-expression grounding (REC) with LPI on an OWL-ViT / OWLv2 or Grounding DINO detector, in the
+ContinualTrainer. What differs between detector families (candidates, score, loss, features) is in
+`peft_lpi.continual.grounding_models`.
 
 The pieces the trainer's seam asks of a second problem (see `peft_lpi.continual.trainer`):
 
@@ -6,7 +8,8 @@ The pieces the trainer's seam asks of a second problem (see `peft_lpi.continual.
   what the trainer reads: a ``captions`` column (``[expression]``, used for the text keys) and ``target`` (the box
   as xyxy normalised by the image size, what OWL's ``pred_boxes`` are compared with);
 - `GroundingCollator` (``data_collator=``): pixel values, one tokenised expression per image, the target boxes;
-- `LPIGroundingMethod` (``method=``): the loss = OWL's REC loss (`rec_loss`) + LPI's alignment and task terms;
+- `LPIGroundingMethod` (``method=``): the loss = the detector's grounding loss (OWL: `rec_loss`; Grounding DINO:
+  its own) + LPI's alignment and task terms;
 - `GroundingEvaluator` (``evaluator=``): Precision@k per task after each stage, oracle / auto / zero-shot.
 
 Routing, as in the authors' grounding code: the task keys and the routing use the frozen backbone's IMAGE feature
@@ -19,7 +22,7 @@ used to route here.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,16 +35,18 @@ from ..data.preprocess import PIXEL_VALUES, _to_rgb, column_values
 from ..evaluation import stage_metrics
 from ..evaluation.grounding import box_xyxy_to_cxcywh, rec_precision
 from ..tuner.routing import routing_accuracy
-from .grounding_loss import rec_loss, rec_predictions, select_query_pairs
+from .grounding_loss import rec_predictions
+from .grounding_models import MODEL_INPUTS, GroundingFamily, grounding_family
 from .methods import LPIMethod
 from .objective import LPIObjective, alignment_terms
-from .similarity import task_similarity_from_names
+from .similarity import cosine_similarity_matrix, task_similarity_from_names
 
 __all__ = [
     "GROUNDING_MODES",
     "GroundingCollator",
     "GroundingEvaluator",
     "LPIGroundingMethod",
+    "grounding_collator",
     "grounding_task_similarity",
     "owl_dual_encoder",
     "prepare_grounding_dataset",
@@ -85,52 +90,101 @@ def prepare_grounding_dataset(data: Any) -> Any:
 
 
 class GroundingCollator:
-    """Rows -> ``pixel_values`` (B, 3, H, W), ``input_ids`` / ``attention_mask`` (one expression per image: OWL's
-    query rows), ``boxes`` (B, 4) cxcywh normalised (the loss) and ``target`` (B, 4) xyxy normalised (the metric)."""
+    """Rows -> ``pixel_values`` (B, 3, H, W) (and ``pixel_mask`` when the image processor pads, as Grounding DINO's
+    does), ``input_ids`` / ``attention_mask`` (one expression per image: OWL's query rows), ``boxes`` (B, 4) cxcywh
+    normalised (the loss) and ``target`` (B, 4) xyxy normalised (the metric).
 
-    def __init__(self, image_processor: Any, tokenizer: Any, max_length: int | None = None):
+    `text_format` rewrites each expression for the detector's tokenizer (Grounding DINO: ``"the red mug."``) and
+    `min_length` pads the token batch to at least that many positions (additive text prompts need P + 1);
+    `grounding_collator` sets both from the model.
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, max_length: int | None = None, *,
+                 text_format: Callable[[str], str] | None = None, min_length: int | None = None):
         self.image_processor = getattr(image_processor, "image_processor", None) or image_processor
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.text_format, self.min_length = text_format, min_length
+
+    def images(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` of the rows, and ``pixel_mask`` when the image processor returns one."""
+        if rows and PIXEL_VALUES in rows[0]:
+            return {"pixel_values": torch.stack([torch.as_tensor(row[PIXEL_VALUES]) for row in rows])}
+        processed = self.image_processor(images=[_to_rgb(row["image"]) for row in rows], return_tensors="pt")
+        out = {"pixel_values": torch.as_tensor(processed["pixel_values"])}
+        if processed.get("pixel_mask") is not None:
+            out["pixel_mask"] = torch.as_tensor(processed["pixel_mask"])
+        return out
 
     def pixel_values(self, rows: Sequence[dict[str, Any]]) -> torch.Tensor:
-        if rows and PIXEL_VALUES in rows[0]:
-            return torch.stack([torch.as_tensor(row[PIXEL_VALUES]) for row in rows])
-        images = [_to_rgb(row["image"]) for row in rows]
-        return torch.as_tensor(self.image_processor(images=images, return_tensors="pt")["pixel_values"])
+        return self.images(rows)["pixel_values"]
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = list(rows)
+        expressions = [row["expression"] for row in rows]
+        if self.text_format is not None:
+            expressions = [self.text_format(e) for e in expressions]
         text = self.tokenizer(
-            [row["expression"] for row in rows], padding=True, truncation=self.max_length is not None,
+            expressions, padding=True, truncation=self.max_length is not None,
             max_length=self.max_length, return_tensors="pt",
         )
+        input_ids, attention_mask = text["input_ids"], text["attention_mask"]
+        short = 0 if self.min_length is None else self.min_length - input_ids.shape[1]
+        if short > 0:  # padding positions: masked out of everything the detector reads
+            input_ids = torch.nn.functional.pad(input_ids, (0, short), value=self.tokenizer.pad_token_id)
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, short), value=0)
         target = torch.tensor([list(row["target"]) for row in rows], dtype=torch.float32)
         return {
-            "pixel_values": self.pixel_values(rows),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
+            **self.images(rows),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "boxes": box_xyxy_to_cxcywh(target),
             "target": target,
         }
 
 
+def grounding_collator(model: nn.Module, image_processor: Any, tokenizer: Any) -> GroundingCollator:
+    """The `GroundingCollator` for an LPI-wrapped detector: texts truncated to what its text tower reads (less
+    the positions of shallow prompts), written and padded as its family needs (`grounding_models`)."""
+    from ..data.preprocess import text_token_limit
+    from ..tuner.shallow import text_prompt_positions
+
+    family = grounding_family(model)
+    limits = [v for v in (text_token_limit(model, tokenizer), family.max_text_length()) if v is not None]
+    limit = min(limits) - text_prompt_positions(model) if limits else None
+    overridden = type(family).format_expression is not GroundingFamily.format_expression
+    text_format = family.format_expression if overridden else None
+    return GroundingCollator(image_processor, tokenizer, max_length=limit, text_format=text_format,
+                             min_length=family.min_text_length())
+
+
 @torch.no_grad()
 def grounding_task_similarity(model: nn.Module, tokenizer: Any, names: Sequence[str]) -> torch.Tensor:
-    """Task similarity from the task names with the frozen (prompt-free) OWL text tower (the detector itself has
-    no `get_text_features`, so the trainer's default cannot compute it)."""
+    """Task similarity from the task names with the frozen (prompt-free) text tower of the detector (detectors have
+    no `get_text_features`, so the trainer's default cannot compute it): OWL's CLIP text tower; other families
+    their `GroundingFamily.text_features` of the names written as expressions."""
     tuner = getattr(model, "base_model", None)
     context = tuner.prompts_disabled() if hasattr(tuner, "prompts_disabled") else torch.no_grad()
+    family = grounding_family(model)
     with context:
-        return task_similarity_from_names(owl_dual_encoder(model), tokenizer, list(names), template="{}").cpu()
+        if family.name == "owl":
+            return task_similarity_from_names(owl_dual_encoder(model), tokenizer, list(names), template="{}").cpu()
+        if not names:
+            raise ValueError("grounding_task_similarity needs at least one task name.")
+        device = next(model.parameters()).device
+        encoded = tokenizer([family.format_expression(n) for n in names], padding=True, return_tensors="pt")
+        features = family.text_features(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+        return cosine_similarity_matrix(features.float()).cpu()
 
 
 class LPIGroundingMethod(LPIMethod):
-    """LPI for REC on an OWL detector: per-task prompts in both towers, OWL's own boxes and class head.
+    """LPI for REC on a detector (OWL-ViT / OWLv2, Grounding DINO): per-task prompts in both towers, the detector's
+    own boxes and scores.
 
-    Loss of a batch of task t: ``rec_loss`` (box L1 + gIoU on the matched patch + cross-entropy over patches, see
-    `grounding_loss`) + ``align_weight * L_align`` (raw CP prompts of t) + ``task_weight * L_task`` (tasks 0..t),
-    the last two exactly as `LPIObjective` computes them for retrieval. Keys and routing: the image feature only
-    (module docstring); `encode` gives the frozen towers' features for the keys.
+    Loss of a batch of task t: the family's grounding loss (`grounding_models`; OWL: ``rec_loss``, box L1 + gIoU on
+    the matched patch + cross-entropy over patches, see `grounding_loss`; Grounding DINO: the model's own loss) +
+    ``align_weight * L_align`` (raw CP prompts of t) + ``task_weight * L_task`` (tasks 0..t), the last two exactly
+    as `LPIObjective` computes them for retrieval. Keys and routing: the image feature only (module docstring);
+    `encode` gives the frozen towers' features for the keys.
     """
 
     name = "lpi"
@@ -138,7 +192,8 @@ class LPIGroundingMethod(LPIMethod):
     def __init__(self, model: nn.Module, rec_kwargs: dict[str, Any] | None = None):
         super().__init__(model)
         self.rec_kwargs = dict(rec_kwargs or {})
-        self.encoder = owl_dual_encoder(model)
+        self.family = grounding_family(model)
+        self.encoder = getattr(self.family, "encoder", None)  # OWL's CLIP-like model (None for other families)
 
     def setup(self, trainer: Any) -> None:
         similarity = trainer.task_similarity
@@ -149,14 +204,8 @@ class LPIGroundingMethod(LPIMethod):
     def training_loss(self, ddp_model: nn.Module, batch: dict[str, torch.Tensor], task: int) -> dict[str, torch.Tensor]:
         config = self.objective.config
         with self.tuner.reuse_prompts():
-            outputs = ddp_model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], task_ids=task,
-            )
-            logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes)  # one query per image
-            rec = rec_loss(logits.float(), boxes.float(), batch["boxes"].float(), **self.rec_kwargs)
-            terms = {"rec": rec.loss, "box_l1": rec.box_l1, "giou": rec.giou, "classification": rec.classification}
-            zero = rec.loss.new_zeros(())
+            terms = self.family.rec_terms(ddp_model, batch, task, self.rec_kwargs)
+            zero = terms["rec"].new_zeros(())
             if config.align_weight > 0 and len(self.tuner.active_bank.modalities) == 2:
                 raw = self.tuner.active_bank.task_raw_prompts(torch.tensor([task]))
                 align = alignment_terms(config, raw["vision"][0], raw["text"][0])
@@ -170,19 +219,18 @@ class LPIGroundingMethod(LPIMethod):
 
     @torch.no_grad()
     def encode(self, modality: str, inputs: dict[str, torch.Tensor], tasks: torch.Tensor | str | None) -> tuple:
-        """Prompt-free projected features of the OWL towers (task keys); under "auto" also the routed tasks.
+        """Prompt-free features of the detector's towers (task keys; `grounding_models`: OWL's projected features,
+        Grounding DINO's pooled last Swin stage / BERT); under "auto" also the routed tasks.
 
-        Prompted features are not defined for grounding (the detector's outputs are boxes and patch scores)."""
+        Prompted features are not defined for grounding (the detector's outputs are boxes and candidate scores)."""
         if tasks is not None and not isinstance(tasks, str):
             raise ValueError("LPIGroundingMethod.encode gives prompt-free features only (tasks=None or 'auto').")
         with self.tuner.prompts_disabled():
             if modality == "vision":
-                features = self.encoder.get_image_features(pixel_values=inputs["pixel_values"])
+                features = self.family.image_features(inputs["pixel_values"], inputs.get("pixel_mask"))
             else:
-                features = self.encoder.get_text_features(
-                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
-                )
-        features = (features if isinstance(features, torch.Tensor) else features.pooler_output).float()
+                features = self.family.text_features(inputs["input_ids"], inputs.get("attention_mask"))
+        features = features.float()
         return features, (self.route(modality, features) if tasks == "auto" else None)
 
 
@@ -236,21 +284,22 @@ class GroundingEvaluator:
                               disable=not (self.progress and acc.is_local_main_process)):
             index = positions.tolist()
             batch = self.collator([self.dataset[rows[i]] for i in index])
-            inputs = {key: batch[key].to(acc.device) for key in ("pixel_values", "input_ids", "attention_mask")}
+            inputs = {key: batch[key].to(acc.device) for key in MODEL_INPUTS if key in batch}
             routes = torch.full((len(index),), -1, dtype=torch.long, device=acc.device)
             with acc.autocast():
                 if mode == "zero-shot":
                     with tuner.prompts_disabled():
-                        out = model(**inputs)
+                        out = method.family.forward(model, inputs)
                 else:
                     if mode == "auto":
-                        routes = method.encode("vision", {"pixel_values": inputs["pixel_values"]}, "auto")[1]
+                        images = {key: inputs[key] for key in ("pixel_values", "pixel_mask") if key in inputs}
+                        routes = method.encode("vision", images, "auto")[1]
                         tasks = routes.to(acc.device).long()
                     else:
                         tasks = true_tasks[index].to(acc.device)
-                    out = model(**inputs, task_ids=tasks)
-            logits, boxes, _ = select_query_pairs(out.logits.float(), out.pred_boxes.float())
-            top, _ = rec_predictions(logits, boxes, top_k=k)
+                    out = method.family.forward(model, inputs, task_ids=tasks)
+            logits, boxes = method.family.candidates(out, inputs)
+            top, _ = rec_predictions(logits.float(), boxes.float(), top_k=k)
             top = torch.nn.functional.pad(top, (0, 0, 0, k - top.shape[1]), value=0.0) if top.shape[1] < k else top
             parts.append(torch.cat([top.reshape(len(index), -1), routes[:, None].float(),
                                     positions.to(acc.device)[:, None].float()], dim=1))

@@ -177,8 +177,15 @@ class LPIModel(TrainabilityMixin, TaskRoutingMixin, TaskFilesMixin, BaseTuner):
     @staticmethod
     def _embedding_sizes(model: nn.Module, towers: dict[str, TowerSpec]) -> dict[str, int]:
         """Width of the routing features (the projected embeddings) of each tower."""
-        projection = getattr(getattr(model, "config", None), "projection_dim", None)
-        return {m: int(projection or (towers[m].hidden_size if m in towers else 1)) for m in ("vision", "text")}
+        config = getattr(model, "config", None)
+        projection = getattr(config, "projection_dim", None)
+        sizes = {m: int(projection or (towers[m].hidden_size if m in towers else 1)) for m in ("vision", "text")}
+        backbone = getattr(config, "backbone_config", None)
+        if projection is None and getattr(config, "model_type", None) == "grounding-dino" and backbone is not None:
+            # Grounding DINO routes on its pooled LAST Swin stage (peft_lpi.continual.grounding_models), whose width
+            # is the backbone's hidden_size, not the first stage's that the prompts have.
+            sizes["vision"] = int(backbone.hidden_size)
+        return sizes
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - inject_adapter is custom
         raise NotImplementedError("LPIModel injects through inject_adapter.")
