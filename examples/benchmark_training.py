@@ -10,6 +10,9 @@ On a CLIP with ViT-B/16 sizes and random weights (the config of `benchmark_forwa
    - lpi-mixed: the same step with a different task per sample (what joint training does);
    - lora:  PEFT LoRA rank 8 on q/k/v/out_proj of both towers (contrastive loss);
    - full:  full fine-tuning of the base model (every weight trainable; informational);
+   each ratio twice: of the medians, and paired (median of the ratios of the steps run back to back in one round);
+   and the FLOPs of one step of each variant (`torch.utils.flop_counter`: clock-free; elementwise ops, and on CPU
+   the fused attention kernels, are not counted);
 2. evaluation encoding of images with auto routing (`set_task("auto")`) over oracle routing (true task per sample);
 3. ranking a 5k x 25k gallery (i2t and t2i Recall@1/5/10): `peft_lpi.evaluation.retrieval_recall` (chunked
    `torch.topk`) against a naive full `argsort` of the similarity matrix: time, peak memory, identical recalls;
@@ -44,6 +47,7 @@ import torch
 from accelerate import PartialState
 from benchmark_forward import add_benchmark_model_arguments, make_inputs, time_round_robin, vit_b16_clip_config
 from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPModel
 
 import peft_lpi  # noqa: F401  (registers LPI)
@@ -270,7 +274,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024, help="query rows per chunk of retrieval_recall")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma list of training-step variants to time (default all: {','.join(VARIANTS)})")
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: time,route,ranking,memory")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: time,flops,route,ranking,memory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -323,6 +327,24 @@ def main() -> None:
                              f"{median[top] / median[bottom]:.3f}"))
         results["train_step_s"]["paired_ratios"] = paired
         del models, steps
+
+    if "flops" not in skip:
+        # what each variant computes, independent of the clock: FLOPs of one training step as torch counts them
+        # (matmuls, convolutions and attention; elementwise ops are not counted, so a variant can cost time that
+        # this does not show)
+        variants = [name for name in VARIANTS if name in args.variants.split(",")]
+        batch = _batch(args, device)
+        flops = {}
+        for name in variants:
+            model, loss_fn = build(name, args, device)
+            with FlopCounterMode(display=False) as counter:
+                train_step(model, loss_fn, batch, args.bf16, device)
+            flops[name] = counter.get_total_flops()
+            del model, loss_fn
+        results["train_step_flops"] = flops
+        for name in variants:
+            rows.append((f"train step FLOPs: {name}", f"{flops[name] / 1e9:.1f} GFLOP",
+                         "" if name == "base" else f"{flops[name] / flops['base']:.4f} x base"))
 
     if "route" not in skip:
         lpi, _ = build("lpi", args, device)
