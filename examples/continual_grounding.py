@@ -24,18 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from peft import get_peft_model
 from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, OwlViTForObjectDetection
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
-from peft_lpi import LPIConfig
-from peft_lpi.continual.grounding import (
-    GroundingCollator,
-    GroundingEvaluator,
-    LPIGroundingMethod,
-    grounding_task_similarity,
-    prepare_grounding_dataset,
-)
+from peft_lpi.continual.baselines.grounding import GROUNDING_LORA_TARGETS, GROUNDING_METHOD_NAMES, build_grounding_method
+from peft_lpi.continual.grounding import GroundingEvaluator, grounding_task_similarity, prepare_grounding_dataset
+from peft_lpi.continual.grounding_batches import SceneQueryCollator, group_pairs_by_image
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments, _indices_by_task
 from peft_lpi.data.preprocess import text_token_limit, with_pixel_values
 from peft_lpi.tuner.shallow import text_prompt_positions
@@ -68,7 +62,23 @@ class GroundingArguments:
     backbone_cache: str | None = field(default=None, metadata={"help": "Folder of the cached grounding backbone."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the grounding world (and its backbone)."})
     train_per_task: int = field(default=400, metadata={"help": "Offline world: training scenes per task."})
-    val_per_task: int = field(default=100, metadata={"help": "Offline world: validation pairs per task."})
+    val_per_task: int = field(default=200, metadata={"help": "Offline world: validation pairs per task."})
+    train_all_objects: bool = field(
+        default=True,
+        metadata={"help": "Offline world: every describable object of a training scene is a training pair (one OWL "
+                  "query each, one image forward per scene); false: one random object per scene."},
+    )
+    method: str = field(
+        default="lpi",
+        metadata={"help": f"Continual method: {', '.join(GROUNDING_METHOD_NAMES)} (peft_lpi.continual.baselines."
+                  "grounding); the zero-shot backbone is the 'zero-shot' evaluation mode of any run."},
+    )
+    lora_rank: int | None = field(
+        default=None, metadata={"help": "--method lora: LoRA rank (default: the rank matching LPI's parameters)."}
+    )
+    lora_target_modules: str = field(
+        default=GROUNDING_LORA_TARGETS, metadata={"help": "--method lora: PEFT target_modules regex."}
+    )
     max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks."})
     prompt_length: int = field(default=8, metadata={"help": "LPI prompt length P."})
     prompt_depth: int = field(default=4, metadata={"help": "LPI prompt depth K (layers per tower)."})
@@ -103,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     tasks = GROUNDING_TASKS[: args.max_tasks] if args.max_tasks else GROUNDING_TASKS
     data = prepare_grounding_dataset(build_grounding_benchmark(args.world_seed, args.train_per_task,
-                                                               args.val_per_task, tasks=tasks))
+                                                               args.val_per_task, tasks=tasks,
+                                                               train_all_objects=args.train_all_objects))
+    data["train"] = group_pairs_by_image(data["train"])  # the expressions of one image: queries of one forward
     if train_args.preprocess_images is None:
         train_args.preprocess_images = args.model == OFFLINE
     if train_args.preprocess_images:  # process every image once (the evaluator reads the same preprocessed split)
@@ -112,16 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(data["train"].features["task"].names)
 
     torch.manual_seed(train_args.seed)
-    config = LPIConfig(num_tasks=len(names), prompt_length=args.prompt_length, prompt_depth=args.prompt_depth,
-                       rank=args.rank, num_keys=args.num_keys, align_weight=args.align_weight,
-                       task_weight=args.task_weight)
-    model = get_peft_model(base, config)
+    lpi_kwargs = dict(prompt_length=args.prompt_length, prompt_depth=args.prompt_depth, rank=args.rank,
+                      num_keys=args.num_keys, align_weight=args.align_weight, task_weight=args.task_weight)
+    model, method = build_grounding_method(args.method, base, len(names), lpi_kwargs, lora_rank=args.lora_rank,
+                                           lora_target_modules=args.lora_target_modules)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
-    method = LPIGroundingMethod(model)
     limit = text_token_limit(model, tokenizer)  # shallow injection puts P prompts into every token sequence
-    collator = GroundingCollator(image_processor, tokenizer,
-                                 max_length=None if limit is None else limit - text_prompt_positions(model))
+    collator = SceneQueryCollator(image_processor, tokenizer,
+                                  max_length=None if limit is None else limit - text_prompt_positions(model))
     evaluator = GroundingEvaluator(
         accelerator, method, data["validation"], _indices_by_task(data["validation"], names, "validation"), collator,
         modes=train_args.eval_routing, ks=train_args.recall_ks, batch_size=train_args.per_device_eval_batch_size,

@@ -153,7 +153,8 @@ class LPIGroundingMethod(LPIMethod):
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"], task_ids=task,
             )
-            logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes)  # one query per image
+            # several queries per image when the rows are grouped (grounding_batches), else one
+            logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes, batch.get("query_mask"))
             rec = rec_loss(logits.float(), boxes.float(), batch["boxes"].float(), **self.rec_kwargs)
             terms = {"rec": rec.loss, "box_l1": rec.box_l1, "giou": rec.giou, "classification": rec.classification}
             zero = rec.loss.new_zeros(())
@@ -167,6 +168,11 @@ class LPIGroundingMethod(LPIMethod):
             terms["task"] = self.objective.task_loss(task) if use_task else zero
         terms["loss"] = terms["rec"] + config.align_weight * terms["align"] + config.task_weight * terms["task"]
         return terms
+
+    def detect(self, inputs: dict[str, torch.Tensor], tasks: torch.Tensor | None) -> Any:
+        """The detector's outputs (``logits``, ``pred_boxes``) of a batch with each image's task (None: as the model
+        is, e.g. inside `prompt_free`). The evaluator's one call into the model, so baselines can answer it."""
+        return self.model(**inputs) if tasks is None else self.model(**inputs, task_ids=tasks)
 
     @torch.no_grad()
     def encode(self, modality: str, inputs: dict[str, torch.Tensor], tasks: torch.Tensor | str | None) -> tuple:
@@ -225,7 +231,7 @@ class GroundingEvaluator:
     def predict(self, rows: list[int], mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Top-k xyxy boxes (len(rows), k, 4) of dataset `rows` in `mode`, and the routed tasks under "auto"."""
         acc, method = self.accelerator, self.method
-        model, tuner = method.model, method.tuner
+        model = method.model
         true_tasks = torch.as_tensor(column_values(self.dataset.select(rows), "task"))
         k = max(self.ks)
         loader = acc.prepare_data_loader(DataLoader(list(range(len(rows))), batch_size=self.batch_size))
@@ -240,15 +246,15 @@ class GroundingEvaluator:
             routes = torch.full((len(index),), -1, dtype=torch.long, device=acc.device)
             with acc.autocast():
                 if mode == "zero-shot":
-                    with tuner.prompts_disabled():
-                        out = model(**inputs)
+                    with method.prompt_free():
+                        out = method.detect(inputs, None)
                 else:
                     if mode == "auto":
                         routes = method.encode("vision", {"pixel_values": inputs["pixel_values"]}, "auto")[1]
                         tasks = routes.to(acc.device).long()
                     else:
                         tasks = true_tasks[index].to(acc.device)
-                    out = model(**inputs, task_ids=tasks)
+                    out = method.detect(inputs, tasks)
             logits, boxes, _ = select_query_pairs(out.logits.float(), out.pred_boxes.float())
             top, _ = rec_predictions(logits, boxes, top_k=k)
             top = torch.nn.functional.pad(top, (0, 0, 0, k - top.shape[1]), value=0.0) if top.shape[1] < k else top
