@@ -27,7 +27,11 @@ from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, OwlViTForObjectDetection
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
-from peft_lpi.continual.baselines.grounding import GROUNDING_LORA_TARGETS, GROUNDING_METHOD_NAMES, build_grounding_method
+from peft_lpi.continual.baselines.grounding import (
+    GROUNDING_LORA_TARGETS,
+    GROUNDING_METHOD_NAMES,
+    build_grounding_method,
+)
 from peft_lpi.continual.grounding import GroundingEvaluator, grounding_task_similarity, prepare_grounding_dataset
 from peft_lpi.continual.grounding_batches import SceneQueryCollator, group_pairs_by_image
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments, _indices_by_task
