@@ -427,8 +427,9 @@ def grounding_metrics(results: dict, mode: str | None = None) -> dict[str, float
     summary, stages = g[mode]["summary"], len(results["train_seconds_per_task"])
     metrics = {"P@1": summary["P@1"]["final_average"], "P@5": summary["P@5"]["final_average"],
                "stage_avg_P@1": summary["P@1"]["stage_averaged"], "forgetting_P@1": summary["P@1"]["forgetting"],
-               "bwt_P@1": summary["P@1"]["backward_transfer"],
-               "oracle_P@1": g["oracle"]["summary"]["P@1"]["final_average"]}
+               "bwt_P@1": summary["P@1"]["backward_transfer"]}
+    if mode != "zero-shot":
+        metrics["oracle_P@1"] = g["oracle"]["summary"]["P@1"]["final_average"]
     if mode == "auto":
         metrics["routing"] = 100 * g["auto"]["routing_accuracy"][-1]
     if mode != "zero-shot":
@@ -471,13 +472,14 @@ def grounding_table(root: Path, best: dict[str, float], seeds: list[int]) -> str
         table_rows.append((f"{rows['lpi'].label}, auto (image routing)", _stats([grounding_metrics(r)
                                                                                  for r in lpi_runs])))
     for method in ("shared-prompt", "lora", "joint"):
-        if method in rows:
-            label = rows[method].label + (" (no routing)" if method == "shared-prompt" else ", auto")
-            table_rows.append((label, _stats([grounding_metrics(r) for r in runs[method]]) if runs[method] else {}))
+        label = (rows[method].label if method in rows else GROUNDING_LABELS[method]) + (
+            " (no routing)" if method == "shared-prompt" else ", auto")
+        found = runs.get(method)
+        table_rows.append((label, _stats([grounding_metrics(r) for r in found]) if found else {}))
     zero = table_rows[0][1] if lpi_runs else {}
     for label, s in table_rows:
         if not s:
-            lines.append(f"| {label} | 0 | not run |" + " |" * 9)
+            lines.append(f"| {label} | 0 | not run |" + " |" * 8)
             continue
         n = max(v[2] for v in s.values())
         versus = "–"
