@@ -490,7 +490,11 @@ def grounding_table(root: Path, best: dict[str, float], seeds: list[int]) -> str
         lines.append(f"| {label} | {n} | {fmt(s, 'P@1')} | {fmt(s, 'P@5')} | {fmt(s, 'stage_avg_P@1')} | "
                      f"{fmt(s, 'forgetting_P@1')} | {routing} | {fmt(s, 'oracle_P@1')} | "
                      f"{fmt(s, 'params', 0, False)} | {fmt(s, 'seconds_per_task', 0, False)} | {versus} |")
-    lines.append("")
+    lines += ["", "Routed rows (LPI auto, LoRA, joint) give their auto figures, the shared prompt its only ones; oracle "
+              "P@1 is each method with the true task. The seed spread is the training seed's only (the validation "
+              "pairs are the same in every run: about +-1.4 points of binomial error on a six-task average). train "
+              "s/task is wall time under the run's load (`--jobs` runs at once on a shared machine), not a speed "
+              "comparison.", ""]
     if lpi_runs:
         names = lpi_runs[0]["task_names"]
         lines += [f"### LPI per task (final stage, P@1, mean ± std over {len(lpi_runs)} seeds)", "",
