@@ -465,8 +465,8 @@ def grounding_table(root: Path, best: dict[str, float], seeds: list[int]) -> str
              f"(training seed: initialisation and data order; the world and backbone are fixed). Runs: `{shown}`. "
              "Precision in percent, final stage, macro over the 6 tasks; mean ± sample std over seeds.", "",
              "| row | seeds | P@1 | P@5 | stage-avg P@1 | forgetting P@1 | routing img % | oracle P@1 | params/task "
-             "| train s/task | P@1 vs zero-shot |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| train s/task | P@1 vs zero-shot | P@1 vs LPI auto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table_rows: list[tuple[str, dict]] = []
     if lpi_runs:
         table_rows.append(("zero-shot backbone (prompts off; the LPI runs' zero-shot mode)",
@@ -480,16 +480,20 @@ def grounding_table(root: Path, best: dict[str, float], seeds: list[int]) -> str
             " (no routing)" if method == "shared-prompt" else ", auto")
         found = runs.get(method)
         table_rows.append((label, _stats([grounding_metrics(r) for r in found]) if found else {}))
-    zero = table_rows[0][1] if lpi_runs else {}
+    zero, lpi_auto = (table_rows[0][1], table_rows[2][1]) if lpi_runs else ({}, {})
+
+    def gap(s: dict, reference: dict) -> str:
+        if not reference or s is reference:
+            return "–"
+        diff, spread = s["P@1"][0] - reference["P@1"][0], max(s["P@1"][1], reference["P@1"][1])
+        return f"{diff:+.1f} ({'above' if abs(diff) > spread else 'within'} the seed spread {spread:.1f})"
+
     for label, s in table_rows:
         if not s:
-            lines.append(f"| {label} | 0 | not run |" + " |" * 8)
+            lines.append(f"| {label} | 0 | not run |" + " |" * 9)
             continue
         n = max(v[2] for v in s.values())
-        versus = "–"
-        if zero and s is not zero:
-            gap, spread = s["P@1"][0] - zero["P@1"][0], max(s["P@1"][1], zero["P@1"][1])
-            versus = f"{gap:+.1f} ({'above' if abs(gap) > spread else 'within'} the seed spread {spread:.1f})"
+        versus = f"{gap(s, zero)} | {gap(s, lpi_auto) if s is not zero else '–'}"
         routing = fmt(s, "routing") if "routing" in s else "– (none)"
         lines.append(f"| {label} | {n} | {fmt(s, 'P@1')} | {fmt(s, 'P@5')} | {fmt(s, 'stage_avg_P@1')} | "
                      f"{fmt(s, 'forgetting_P@1')} | {routing} | {fmt(s, 'oracle_P@1')} | "
