@@ -265,3 +265,64 @@ def test_joint_trains_every_task_in_one_stage_with_per_image_prompts(parts, tmp_
             parts_loss.append(LPIGroundingMethod.training_loss(method, trainer.model, sub, task)["rec"] * n)
             pairs.append(n)
     assert mixed.item() == pytest.approx((sum(parts_loss) / sum(pairs)).item(), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ run_results.py --problem grounding
+
+
+def _fake_grounding_results(p1: dict[str, float], num_tasks: int = 2) -> dict:
+    """A results.json of a grounding run whose final P@1 (and P@5 = P@1 + 30) in each mode is the same on every
+    task; routed modes route 80 %."""
+    grounding = {}
+    for mode, value in p1.items():
+        summary = {f"P@{k}": {"final_average": value + 30 * (k == 5), "stage_averaged": value,
+                              "forgetting": 1.0, "backward_transfer": -1.0} for k in (1, 5)}
+        block = {"summary": summary, "matrices": {"P@1": [[value] * num_tasks] * num_tasks}}
+        if mode == "auto":
+            block["routing_accuracy"] = [1.0, 0.8]
+        grounding[mode] = block
+    return {"grounding": grounding, "task_names": [f"t{i}" for i in range(num_tasks)],
+            "train_seconds_per_task": [10.0] * num_tasks, "trainable_parameters_per_task": 100}
+
+
+def test_run_results_grounding_rates_and_table(tmp_path):
+    import importlib.util
+    import json
+    import statistics
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("run_results", Path(__file__).parent.parent / "examples" /
+                                                  "run_results.py")
+    run_results = importlib.util.module_from_spec(spec)
+    sys.modules["run_results"] = run_results
+    spec.loader.exec_module(run_results)
+
+    def write(row: str, seed: int, p1: dict[str, float]) -> None:
+        (tmp_path / row / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / row / f"seed{seed}" / "results.json").write_text(json.dumps(_fake_grounding_results(p1)))
+
+    for seed, (oracle, auto) in enumerate([(42.0, 41.0), (43.0, 41.5), (44.0, 42.5)]):
+        write("lpi-lr0.05", seed, {"zero-shot": 37.0, "oracle": oracle, "auto": auto})
+    write("lora-lr0.05", 0, {"oracle": 40.0, "auto": 39.0})
+    write("lora-lr0.005", 0, {"oracle": 46.0, "auto": 45.0})
+    write("lora-lr0.005", 1, {"oracle": 47.0, "auto": 44.0})
+    best = run_results.grounding_rates(tmp_path, {})
+    assert best["lora"] == 0.005 and best["lpi"] == 0.05 and "shared-prompt" not in best
+    assert run_results.grounding_rates(tmp_path, {"lora": 0.05})["lora"] == 0.05  # --lr overrides
+    text = run_results.grounding_table(tmp_path, best, [0, 1, 2])
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    auto = next(line for name, line in rows.items() if "auto (image routing)" in name)
+    mean, std = statistics.fmean([41.0, 41.5, 42.5]), statistics.stdev([41.0, 41.5, 42.5])
+    assert f"| 3 | {mean:.1f} ± {std:.1f} |" in auto and f"+{mean - 37.0:.1f} (above" in auto
+    lora = next(line for name, line in rows.items() if "LoRA" in name and "lr 0.005" in name)
+    assert "| 2 | 44.5 ± 0.7 |" in lora and f"+{44.5 - mean:.1f}" in lora
+    assert any("shared" in name and "not run" in line for name, line in rows.items())
+    assert "| 0 t0 | 37.0 ± 0.0 |" in text  # the per-task table of LPI
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nretrieval text\n")
+    run_results.write_table(doc, text, run_results.G_BEGIN, run_results.G_END)
+    run_results.write_table(doc, text.replace("44.5", "44.6"), run_results.G_BEGIN, run_results.G_END)
+    page = doc.read_text()
+    assert page.startswith("# Results\n\nretrieval text\n") and page.count(run_results.G_BEGIN) == 1
+    assert "44.6 ± 0.7" in page
