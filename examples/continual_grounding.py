@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from accelerate import Accelerator
-from peft import get_peft_model
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -47,15 +46,19 @@ from transformers import (
 )
 
 import peft_lpi  # noqa: F401  (registers the LPI method with PEFT)
-from peft_lpi import LPIConfig
+from peft_lpi.continual.baselines.grounding import (
+    GROUNDING_LORA_TARGETS,
+    GROUNDING_METHOD_NAMES,
+    build_grounding_method,
+)
 from peft_lpi.continual.grounding import (
     GroundingEvaluator,
-    LPIGroundingMethod,
     grounding_collator,
     grounding_task_similarity,
     prepare_grounding_dataset,
 )
-from peft_lpi.continual.grounding_models import GROUNDING_DINO_TYPES, OWL_TYPES, fixed_canvas
+from peft_lpi.continual.grounding_batches import group_pairs_by_image
+from peft_lpi.continual.grounding_models import GROUNDING_DINO_TYPES, OWL_TYPES, fixed_canvas, grounding_model_type
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments, _indices_by_task
 from peft_lpi.data.preprocess import with_pixel_values
 
@@ -89,7 +92,23 @@ class GroundingArguments:
     backbone_cache: str | None = field(default=None, metadata={"help": "Folder of the cached grounding backbone."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the grounding world (and its backbone)."})
     train_per_task: int = field(default=400, metadata={"help": "Offline world: training scenes per task."})
-    val_per_task: int = field(default=100, metadata={"help": "Offline world: validation pairs per task."})
+    val_per_task: int = field(default=200, metadata={"help": "Offline world: validation pairs per task."})
+    train_all_objects: bool = field(
+        default=True,
+        metadata={"help": "Offline world: every describable object of a training scene is a training pair (one OWL "
+                  "query each, one image forward per scene); false: one random object per scene."},
+    )
+    method: str = field(
+        default="lpi",
+        metadata={"help": f"Continual method: {', '.join(GROUNDING_METHOD_NAMES)} (peft_lpi.continual.baselines."
+                  "grounding); the zero-shot backbone is the 'zero-shot' evaluation mode of any run."},
+    )
+    lora_rank: int | None = field(
+        default=None, metadata={"help": "--method lora: LoRA rank (default: the rank matching LPI's parameters)."}
+    )
+    lora_target_modules: str = field(
+        default=GROUNDING_LORA_TARGETS, metadata={"help": "--method lora: PEFT target_modules regex."}
+    )
     max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks."})
     prompt_length: int = field(default=8, metadata={"help": "LPI prompt length P."})
     prompt_depth: int = field(default=4, metadata={"help": "LPI prompt depth K (layers per tower)."})
@@ -306,7 +325,8 @@ def load_grounding_data(args: GroundingArguments, data_args: GroundingDataArgume
 
         tasks = GROUNDING_TASKS[: args.max_tasks] if args.max_tasks else GROUNDING_TASKS
         return datasets.DatasetDict(
-            build_grounding_benchmark(args.world_seed, args.train_per_task, args.val_per_task, tasks=tasks)
+            build_grounding_benchmark(args.world_seed, args.train_per_task, args.val_per_task, tasks=tasks,
+                                      train_all_objects=args.train_all_objects)
         )
     if dataset.lower() in REFCOCO_DATASETS:
         from peft_lpi.data.coco import COCO_TASK_ORDER
@@ -372,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
     base, tokenizer, image_processor, lpi_kwargs = load_detector(path, accelerator)
 
     data = prepare_grounding_dataset(source)
+    if grounding_model_type(base) in OWL_TYPES:  # the expressions of one image: queries of one OWL forward
+        data["train"] = group_pairs_by_image(data["train"])
     if train_args.preprocess_images is None:
         train_args.preprocess_images = args.model == OFFLINE
     if train_args.preprocess_images and lpi_kwargs.get("injection") == "additive":
@@ -385,13 +407,12 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(data["train"].features["task"].names)
 
     torch.manual_seed(train_args.seed)
-    config = LPIConfig(num_tasks=len(names), prompt_length=args.prompt_length, prompt_depth=args.prompt_depth,
-                       rank=args.rank, num_keys=args.num_keys, align_weight=args.align_weight,
-                       task_weight=args.task_weight, **lpi_kwargs)
-    model = get_peft_model(base, config)
+    lpi_kwargs.update(prompt_length=args.prompt_length, prompt_depth=args.prompt_depth, rank=args.rank,
+                      num_keys=args.num_keys, align_weight=args.align_weight, task_weight=args.task_weight)
+    model, method = build_grounding_method(args.method, base, len(names), lpi_kwargs, lora_rank=args.lora_rank,
+                                           lora_target_modules=args.lora_target_modules)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
-    method = LPIGroundingMethod(model)
     if data_args.push_to_hub:
         from peft_lpi.hub import is_lpi_model
 

@@ -14,6 +14,15 @@ Phases, in order:
 - seeds: the main rows with the other seeds.
 `--table_only` just rebuilds the table from what has run. The table is written between the markers
 `<!-- results:begin -->` / `<!-- results:end -->` of docs/results.md; text outside the markers is kept.
+
+    python examples/run_results.py --problem grounding   # the grounding section (examples/continual_grounding.py)
+
+`--problem grounding` runs `examples/continual_grounding.py` (offline grounding world, cached OWL-ViT backbone) into
+`outputs/results-grounding/<row>/seed<N>/` and writes its section between `<!-- grounding-results:begin -->` /
+`<!-- grounding-results:end -->` (appended to the page when the markers are missing). Phases, in order (`--phases`):
+- main: LPI with every seed (its runs also give the zero-shot backbone and LPI oracle / auto);
+- sweep: shared-prompt and LoRA at GROUNDING_SWEEP_LRS (seed 0; LPI and joint use the example's default rate);
+- baselines: joint (seed 0), then every baseline at its rate with the other seeds.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ class Row:
     method: str
     args: list[str] = field(default_factory=list)
     main: bool = False
+    cli: Path = CLI
 
 
 SWEEP_METHODS = ("shared-prompt", "s-prompts", "lora", "lora-small", "lpi")
@@ -138,9 +148,10 @@ def ablation_rows(best: dict[str, float]) -> list[Row]:
 
 
 def command(row: Row, seed: int, out: Path, quick: bool, extra: list[str]) -> list[str]:
+    quick_args = QUICK_ARGS if quick and row.cli == CLI else []  # the grounding example has no quick schedule
     return [
-        sys.executable, str(CLI), "--method", row.method, "--seed", str(seed), "--output_dir", str(out),
-        "--disable_tqdm", "true", *(QUICK_ARGS if quick else []), *row.args, *extra,
+        sys.executable, str(row.cli), "--method", row.method, "--seed", str(seed), "--output_dir", str(out),
+        "--disable_tqdm", "true", *quick_args, *row.args, *extra,
     ]
 
 
@@ -290,12 +301,16 @@ TEMPLATE = """# Results on the offline benchmark
 _WRITE_LOCK = threading.Lock()  # --jobs: rows finish in parallel threads, each rewriting the same page
 
 
-def write_table(path: Path, text: str) -> None:
-    """Replace the text between the markers of `path` (atomically: a reader never sees a half-written page)."""
+def write_table(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the markers `begin` / `end` of `path` (atomically: a reader never sees a half-written
+    page). Without the markers: a new page, or for a section other than retrieval's, appended to the page."""
     with _WRITE_LOCK:
-        if path.is_file() and BEGIN in (old := path.read_text()) and END in old:
-            head, rest = old.split(BEGIN, 1)
-            content = head + text + rest.split(END, 1)[1]
+        old = path.read_text() if path.is_file() else ""
+        if begin in old and end in old:
+            head, rest = old.split(begin, 1)
+            content = head + text + rest.split(end, 1)[1]
+        elif old and begin != BEGIN:
+            content = old.rstrip("\n") + "\n\n" + text + "\n"
         else:
             content = TEMPLATE.format(table=text)
         with atomic_path(path) as tmp:
@@ -329,21 +344,29 @@ def parse_overrides(items: list[str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "results"), help="Folder of the runs.")
+    parser.add_argument("--problem", choices=("retrieval", "grounding"), default="retrieval",
+                        help="retrieval (examples/continual_retrieval.py) or grounding (continual_grounding.py).")
+    parser.add_argument("--out", default=None,
+                        help="Folder of the runs (default outputs/results, or outputs/results-grounding).")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"), help="Markdown file of the table.")
     parser.add_argument("--quick", action="store_true", help=f"Smaller benchmark: {' '.join(QUICK_ARGS)}.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the main rows.")
-    parser.add_argument("--phases", default="sweep,main,ablations,seeds",
-                        help="Which of sweep,main,ablations,seeds to run (in that order).")
+    parser.add_argument("--phases", default=None,
+                        help="Which of sweep,main,ablations,seeds to run, in that order (grounding: main,sweep,"
+                        "baselines). Default: all.")
     parser.add_argument("--rows", nargs="*", default=None, help="Only these row names.")
     parser.add_argument("--lr", nargs="*", default=[], help="METHOD=RATE: use this rate instead of the sweep's best.")
     parser.add_argument("--jobs", type=int, default=1, help="Rows run at once (each with cores // jobs threads).")
     parser.add_argument("--table_only", action="store_true", help="Do not run anything; rebuild the table.")
     parser.add_argument("extra", nargs="*", help="Extra arguments for continual_retrieval.py (after --).")
     args = parser.parse_args(argv)
+    if args.problem == "grounding":
+        args.out = args.out or str(ROOT / "outputs" / "results-grounding")
+        return grounding_main(args)
+    args.out = args.out or str(ROOT / "outputs" / "results")
     root, overrides, seed = Path(args.out), parse_overrides(args.lr), args.seeds[0]
     if not args.table_only:
-        phases = args.phases.split(",")
+        phases = (args.phases or "sweep,main,ablations,seeds").split(",")
         if "sweep" in phases:
             run_plan([(row, seed) for row in sweep_rows()], args, best_learning_rates(root, overrides, seed))
         best = best_learning_rates(root, overrides, seed)
@@ -357,6 +380,198 @@ def main(argv: list[str] | None = None) -> None:
         run_plan(plan, args, best)
     best = best_learning_rates(root, overrides, seed)
     write_table(Path(args.doc), table(root, args.quick, best, seed))
+
+
+
+GROUNDING_CLI = ROOT / "examples" / "continual_grounding.py"
+G_BEGIN, G_END = "<!-- grounding-results:begin -->", "<!-- grounding-results:end -->"
+GROUNDING_LR = 5e-2  # the example's default rate (LPI, joint): the grounding probe's rate
+GROUNDING_SWEEP = {"shared-prompt": (5e-2, 5e-3), "lora": (5e-2, 5e-3)}  # AdamW rates tried at seed 0
+GROUNDING_LPI_CHECK = (2e-1, 1e-2)  # LPI at other rates, seed 0: shown, not used (LPI keeps the example's rate)
+GROUNDING_LABELS = {
+    "lpi": "**LPI** (K=4, P=8, r=4)",
+    "shared-prompt": "sequential FT, one shared full-rank prompt set",
+    "lora": "per-task LoRA at LPI's budget (q/v, both towers)",
+    "joint": "joint multi-task LPI (upper bound)",
+}
+BASELINE_EVAL = ["--eval_routing", "oracle", "auto"]  # the zero-shot figures come from the LPI runs
+
+
+def grounding_row(method: str, lr: float, zero_shot: bool | None = None) -> Row:
+    """One grounding run; the zero-shot mode is evaluated in LPI's main runs only (it is the same in every run)."""
+    zero_shot = method == "lpi" if zero_shot is None else zero_shot
+    args = ["--learning_rate", f"{lr:g}", *([] if zero_shot else BASELINE_EVAL)]
+    return Row(f"{method}-{lr_tag(lr)}", f"{GROUNDING_LABELS[method]}, lr {lr:g}", method, args, cli=GROUNDING_CLI)
+
+
+def grounding_sweep_rows() -> list[Row]:
+    return ([grounding_row(m, lr) for m, rates in GROUNDING_SWEEP.items() for lr in rates]
+            + [grounding_row("lpi", lr, zero_shot=False) for lr in GROUNDING_LPI_CHECK])
+
+
+def grounding_rates(root: Path, overrides: dict[str, float], seed: int = 0) -> dict[str, float]:
+    """Per method, its rate: LPI and joint the example's, the swept baselines the best final P@1 at `seed`."""
+    best = {"lpi": GROUNDING_LR, "joint": GROUNDING_LR, **overrides}
+    for method, rates in GROUNDING_SWEEP.items():
+        scored = [(grounding_metrics(runs[0])["P@1"], lr) for lr in rates
+                  if (runs := load(root, grounding_row(method, lr), seeds=[seed]))]
+        if method not in best and scored:
+            best[method] = max(scored)[1]
+    return best
+
+
+def grounding_main_rows(best: dict[str, float]) -> list[Row]:
+    return [grounding_row(m, best[m]) for m in ("lpi", "shared-prompt", "lora", "joint") if m in best]
+
+
+def grounding_metrics(results: dict, mode: str | None = None) -> dict[str, float]:
+    """The numbers of one grounding run in `mode` (default: "auto" when it has it, else "oracle")."""
+    g = results["grounding"]
+    mode = mode or ("auto" if "auto" in g else "oracle")
+    summary, stages = g[mode]["summary"], len(results["train_seconds_per_task"])
+    metrics = {"P@1": summary["P@1"]["final_average"], "P@5": summary["P@5"]["final_average"],
+               "stage_avg_P@1": summary["P@1"]["stage_averaged"], "forgetting_P@1": summary["P@1"]["forgetting"],
+               "bwt_P@1": summary["P@1"]["backward_transfer"]}
+    if mode != "zero-shot":
+        metrics["oracle_P@1"] = g["oracle"]["summary"]["P@1"]["final_average"]
+    if mode == "auto":
+        metrics["routing"] = 100 * g["auto"]["routing_accuracy"][-1]
+    if mode != "zero-shot":
+        metrics["params"] = results["trainable_parameters_per_task"]
+        metrics["seconds_per_task"] = sum(results["train_seconds_per_task"]) / (
+            len(results["task_names"]) if stages == 1 else stages)
+    return metrics
+
+
+def _stats(per_run: list[dict[str, float]]) -> dict[str, tuple[float, float, int]]:
+    out = {}
+    for key in per_run[0]:
+        values = [m[key] for m in per_run if key in m and not math.isnan(m[key])]
+        if values:
+            out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+    return out
+
+
+def grounding_table(root: Path, best: dict[str, float], seeds: list[int]) -> str:
+    """The grounding section: main rows (mean ± sample std over seeds), LPI per task, routing, the sweep."""
+    rows = {row.method: row for row in grounding_main_rows(best)}
+    runs = {m: load(root, row) for m, row in rows.items()}
+    lpi_runs = runs.get("lpi", [])
+    shown = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
+    lines = [G_BEGIN, "", "## Grounding: continual REC on the offline grounding world", "",
+             "Every row is `examples/continual_grounding.py` (grounding world seed 0, the cached OWL-ViT grounding "
+             "backbone, 6 tasks, 400 training scenes with every describable object a query, 200 validation pairs "
+             "per task, 60 AdamW steps of 32 scenes per task) with `--method`, `--learning_rate` and `--seed` "
+             f"(training seed: initialisation and data order; the world and backbone are fixed). Runs: `{shown}`. "
+             "Precision in percent, final stage, macro over the 6 tasks; mean ± sample std over seeds.", "",
+             "| row | seeds | P@1 | P@5 | stage-avg P@1 | forgetting P@1 | routing img % | oracle P@1 | params/task "
+             "| train s/task | P@1 vs zero-shot | P@1 vs LPI auto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table_rows: list[tuple[str, dict]] = []
+    if lpi_runs:
+        table_rows.append(("zero-shot backbone (prompts off; the LPI runs' zero-shot mode)",
+                           _stats([grounding_metrics(r, "zero-shot") for r in lpi_runs])))
+        table_rows.append((f"{rows['lpi'].label}, oracle task", _stats([grounding_metrics(r, "oracle")
+                                                                        for r in lpi_runs])))
+        table_rows.append((f"{rows['lpi'].label}, auto (image routing)", _stats([grounding_metrics(r)
+                                                                                 for r in lpi_runs])))
+    for method in ("shared-prompt", "lora", "joint"):
+        label = (rows[method].label if method in rows else GROUNDING_LABELS[method]) + (
+            " (no routing)" if method == "shared-prompt" else ", auto")
+        found = runs.get(method)
+        table_rows.append((label, _stats([grounding_metrics(r) for r in found]) if found else {}))
+    zero, lpi_auto = (table_rows[0][1], table_rows[2][1]) if lpi_runs else ({}, {})
+
+    def gap(s: dict, reference: dict) -> str:
+        if not reference or s is reference:
+            return "–"
+        diff, spread = s["P@1"][0] - reference["P@1"][0], max(s["P@1"][1], reference["P@1"][1])
+        return f"{diff:+.1f} ({'above' if abs(diff) > spread else 'within'} the seed spread {spread:.1f})"
+
+    for label, s in table_rows:
+        if not s:
+            lines.append(f"| {label} | 0 | not run |" + " |" * 9)
+            continue
+        n = max(v[2] for v in s.values())
+        versus = f"{gap(s, zero)} | {gap(s, lpi_auto) if s is not zero else '–'}"
+        routing = fmt(s, "routing") if "routing" in s else "– (none)"
+        lines.append(f"| {label} | {n} | {fmt(s, 'P@1')} | {fmt(s, 'P@5')} | {fmt(s, 'stage_avg_P@1')} | "
+                     f"{fmt(s, 'forgetting_P@1')} | {routing} | {fmt(s, 'oracle_P@1')} | "
+                     f"{fmt(s, 'params', 0, False)} | {fmt(s, 'seconds_per_task', 0, False)} | {versus} |")
+    lines += ["", "Routed rows (LPI auto, LoRA, joint) give their auto figures, the shared prompt its only ones; oracle "
+              "P@1 is each method with the true task. The seed spread is the training seed's only (the validation "
+              "pairs are the same in every run: about +-1.4 points of binomial error on a six-task average). train "
+              "s/task is wall time under the run's load (`--jobs` runs at once on a shared machine), not a speed "
+              "comparison.", ""]
+    if lpi_runs:
+        names = lpi_runs[0]["task_names"]
+        lines += [f"### LPI per task (final stage, P@1, mean ± std over {len(lpi_runs)} seeds)", "",
+                  "| task | zero-shot | LPI oracle | LPI auto | auto - zero-shot | forgetting (auto) |",
+                  "|---|---|---|---|---|---|"]
+        for t, name in enumerate(names):
+            cells = []
+            for mode in ("zero-shot", "oracle", "auto"):
+                values = [r["grounding"][mode]["matrices"]["P@1"][-1][t] for r in lpi_runs]
+                cells.append(_mean_std(values))
+            gains = [r["grounding"]["auto"]["matrices"]["P@1"][-1][t] - r["grounding"]["zero-shot"]["matrices"]["P@1"]
+                     [-1][t] for r in lpi_runs]
+            forgetting = [max(row[t] for row in r["grounding"]["auto"]["matrices"]["P@1"][t:-1])
+                          - r["grounding"]["auto"]["matrices"]["P@1"][-1][t] if t < len(names) - 1 else 0.0
+                          for r in lpi_runs]
+            cells += [_mean_std(gains, signed=True), _mean_std(forgetting)]
+            lines.append(f"| {t} {name} | " + " | ".join(cells) + " |")
+        routing = [[100 * a for a in r["grounding"]["auto"]["routing_accuracy"]] for r in lpi_runs]
+        lines += ["", "LPI image routing accuracy after each stage (tasks 0..stage, mean over seeds): "
+                  + ", ".join(f"{statistics.fmean(v):.1f}" for v in zip(*routing)) + " %.", ""]
+    sweep = [(row, load(root, row, seeds=[seeds[0]])) for row in grounding_sweep_rows()]
+    if any(found for _, found in sweep):
+        lines += [f"### Learning-rate check (seed {seeds[0]})", "",
+                  "The shared prompt and LoRA use their best rate here in the rows above; LPI and joint keep the "
+                  f"example's rate {GROUNDING_LR:g} (LPI's rows here show what other rates give).", "",
+                  "| row | P@1 | oracle P@1 |", "|---|---|---|"]
+        for row, found in sweep:
+            m = grounding_metrics(found[0]) if found else {}
+            lines.append(f"| {row.label} | {m.get('P@1', math.nan):.1f} | {m.get('oracle_P@1', math.nan):.1f} |"
+                         if found else f"| {row.label} | not run | |")
+        lines.append("")
+    lines += ["Regenerate: `python examples/run_results.py --problem grounding` (resumes; `--table_only` rebuilds this "
+              "section from the runs on disk; each run's command is at the top of its `log.txt`).", "", G_END]
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float], signed: bool = False) -> str:
+    mean = statistics.fmean(values)
+    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+    return f"{text} ± {statistics.stdev(values):.1f}" if len(values) > 1 else text
+
+
+def grounding_main(args: argparse.Namespace) -> None:
+    """`--problem grounding`: LPI seeds, the baselines' rate check, the baselines' seeds; the section after each."""
+    root, doc, seeds = Path(args.out), Path(args.doc), args.seeds
+    overrides = {m: lr for m, lr in parse_overrides(args.lr).items() if m in GROUNDING_LABELS}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def run(plan: list[tuple[Row, int]]) -> None:
+        plan = [(row, s) for row, s in plan if args.rows is None or row.name in args.rows]
+
+        def one(item: tuple[Row, int]) -> None:
+            run_row(item[0], item[1], root, False, args.extra, threads)
+            write_table(doc, grounding_table(root, grounding_rates(root, overrides, seeds[0]), seeds), G_BEGIN, G_END)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(one, plan))
+
+    if not args.table_only:
+        phases = (args.phases or "main,sweep,baselines").split(",")
+        if "main" in phases:
+            run([(grounding_row("lpi", overrides.get("lpi", GROUNDING_LR)), s) for s in seeds])
+        if "sweep" in phases:
+            run([(row, seeds[0]) for row in grounding_sweep_rows()])
+        if "baselines" in phases:
+            best = grounding_rates(root, overrides, seeds[0])
+            run([(grounding_row("joint", best["joint"]), seeds[0])]
+                + [(row, s) for s in seeds[1:] for row in grounding_main_rows(best) if row.method != "lpi"])
+    write_table(doc, grounding_table(root, grounding_rates(root, overrides, seeds[0]), seeds), G_BEGIN, G_END)
 
 
 if __name__ == "__main__":

@@ -531,6 +531,8 @@ API_MODULES = (
     "peft_lpi.continual.evaluator",
     "peft_lpi.continual.checkpointing",
     "peft_lpi.continual.baselines",
+    "peft_lpi.continual.baselines.grounding",
+    "peft_lpi.continual.grounding_batches",
     "peft_lpi.evaluation",
     "peft_lpi.evaluation.retrieval",
     "peft_lpi.evaluation.grounding",

@@ -153,6 +153,11 @@ def grounding_collator(model: nn.Module, image_processor: Any, tokenizer: Any) -
     limit = min(limits) - text_prompt_positions(model) if limits else None
     overridden = type(family).format_expression is not GroundingFamily.format_expression
     text_format = family.format_expression if overridden else None
+    if family.name == "owl":  # OWL takes several queries per image: rows grouped by image train in one forward
+        from .grounding_batches import SceneQueryCollator
+
+        return SceneQueryCollator(image_processor, tokenizer, max_length=limit, text_format=text_format,
+                                  min_length=family.min_text_length())
     return GroundingCollator(image_processor, tokenizer, max_length=limit, text_format=text_format,
                              min_length=family.min_text_length())
 
@@ -217,6 +222,15 @@ class LPIGroundingMethod(LPIMethod):
         terms["loss"] = terms["rec"] + config.align_weight * terms["align"] + config.task_weight * terms["task"]
         return terms
 
+    def detect(self, inputs: dict[str, torch.Tensor], tasks: torch.Tensor | None) -> Any:
+        """The detector's outputs of a batch with each image's task (None: as the model is, e.g. inside
+        `prompt_free`). The evaluator's one call into the model, so baselines can answer it."""
+        return self.family.forward(self.model, inputs, task_ids=tasks)
+
+    def candidates(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, N) and cxcywh boxes (B, N, 4) of each pair's N candidates (the family's reading of `detect`)."""
+        return self.family.candidates(outputs, batch)
+
     @torch.no_grad()
     def encode(self, modality: str, inputs: dict[str, torch.Tensor], tasks: torch.Tensor | str | None) -> tuple:
         """Prompt-free features of the detector's towers (task keys; `grounding_models`: OWL's projected features,
@@ -273,7 +287,7 @@ class GroundingEvaluator:
     def predict(self, rows: list[int], mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Top-k xyxy boxes (len(rows), k, 4) of dataset `rows` in `mode`, and the routed tasks under "auto"."""
         acc, method = self.accelerator, self.method
-        model, tuner = method.model, method.tuner
+        model = method.model
         true_tasks = torch.as_tensor(column_values(self.dataset.select(rows), "task"))
         k = max(self.ks)
         loader = acc.prepare_data_loader(DataLoader(list(range(len(rows))), batch_size=self.batch_size))
@@ -288,8 +302,8 @@ class GroundingEvaluator:
             routes = torch.full((len(index),), -1, dtype=torch.long, device=acc.device)
             with acc.autocast():
                 if mode == "zero-shot":
-                    with tuner.prompts_disabled():
-                        out = method.family.forward(model, inputs)
+                    with method.prompt_free():
+                        out = method.detect(inputs, None)
                 else:
                     if mode == "auto":
                         images = {key: inputs[key] for key in ("pixel_values", "pixel_mask") if key in inputs}
@@ -297,8 +311,8 @@ class GroundingEvaluator:
                         tasks = routes.to(acc.device).long()
                     else:
                         tasks = true_tasks[index].to(acc.device)
-                    out = method.family.forward(model, inputs, task_ids=tasks)
-            logits, boxes = method.family.candidates(out, inputs)
+                    out = method.detect(inputs, tasks)
+            logits, boxes = method.candidates(out, inputs)
             top, _ = rec_predictions(logits.float(), boxes.float(), top_k=k)
             top = torch.nn.functional.pad(top, (0, 0, 0, k - top.shape[1]), value=0.0) if top.shape[1] < k else top
             parts.append(torch.cat([top.reshape(len(index), -1), routes[:, None].float(),

@@ -137,7 +137,8 @@ class OwlFamily(GroundingFamily):
         self.encoder = owl_dual_encoder(model)
 
     def candidates(self, outputs: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes)  # one query per image
+        # one query per image, or several when the rows are grouped by image (`grounding_batches`: query_mask)
+        logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes, batch.get("query_mask"))
         return logits, boxes
 
     def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int, rec_kwargs: dict[str, Any]) -> dict:

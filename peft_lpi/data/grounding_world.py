@@ -338,11 +338,15 @@ def build_grounding_benchmark(
     train_per_task: int = 1000,
     val_per_task: int = 250,
     tasks: tuple[GroundingTask, ...] | None = None,
+    *,
+    train_all_objects: bool = False,
 ):  # -> datasets.DatasetDict
     """The continual grounding benchmark in the shared REC schema: splits train / validation.
 
     One row per scene: one of its objects (chosen at random) with its expression and box; ``image_id`` is unique
-    over both splits; ``task`` is a ClassLabel with the task names in order.
+    per scene over both splits; ``task`` is a ClassLabel with the task names in order. `train_all_objects`: the
+    train split has one row per describable object of each scene instead (the rows of a scene share its
+    ``image_id``, as RefCOCO's expressions of one photo do); the validation split is the same either way.
     """
     import datasets
 
@@ -358,12 +362,17 @@ def build_grounding_benchmark(
             scenes = render_task_scenes(task, seed, per_task, split=split)
             pick = np.random.default_rng([seed, 13, t, {"train": 0, "validation": 1}.get(split, 2)])
             for scene in scenes:
-                expression, box = scene_targets(scene, pick)
-                columns["image"].append(_png(scene.image))
-                columns["expression"].append(expression)
-                columns["box"].append(list(box))
-                columns["task"].append(t)
-                columns["image_id"].append(next_id)
+                if train_all_objects and split == "train":
+                    pairs = [(e, o.box) for e, o in zip(scene.expressions, scene.objects) if e is not None]
+                else:
+                    pairs = [scene_targets(scene, pick)]
+                image = _png(scene.image)
+                for expression, box in pairs:
+                    columns["image"].append(image)
+                    columns["expression"].append(expression)
+                    columns["box"].append(list(box))
+                    columns["task"].append(t)
+                    columns["image_id"].append(next_id)
                 next_id += 1
         splits[split] = datasets.Dataset.from_dict(columns, features=features)
     return datasets.DatasetDict(splits)

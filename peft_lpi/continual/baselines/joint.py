@@ -58,7 +58,15 @@ class JointMethod(LPIMethod):
                         sample_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         config, tuner = self.objective.config, self.tuner
         terms = {"contrastive": base_contrastive_loss(tuner.model, image_embeds, text_embeds, sample_ids=sample_ids)}
-        zero = terms["contrastive"].new_zeros(())
+        terms.update(self.prompt_terms(group, terms["contrastive"].new_zeros(())))
+        terms["loss"] = terms["contrastive"] + config.align_weight * terms["align"] + config.task_weight * terms["task"]
+        return terms
+
+    def prompt_terms(self, group: list[int], zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stage's prompt regularisers, unweighted: ``align`` (and its ``align_layer`` / ``align_token`` parts)
+        averaged over the group's tasks, ``task`` the task constraint averaged over the group's rows (class doc)."""
+        config, tuner = self.objective.config, self.tuner
+        terms: dict[str, torch.Tensor] = {}
         both = len(tuner.active_bank.modalities) == 2
         need_prompts = config.task_weight > 0 and len(group) > 1
         prompts = tuner.task_prompts(group) if need_prompts else {}
@@ -84,5 +92,4 @@ class JointMethod(LPIMethod):
                     for i in range(len(group))
                 ]).mean())
             terms["task"] = torch.stack(per_modality).mean()
-        terms["loss"] = terms["contrastive"] + config.align_weight * terms["align"] + config.task_weight * terms["task"]
         return terms
