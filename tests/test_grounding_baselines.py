@@ -326,3 +326,18 @@ def test_run_results_grounding_rates_and_table(tmp_path):
     page = doc.read_text()
     assert page.startswith("# Results\n\nretrieval text\n") and page.count(run_results.G_BEGIN) == 1
     assert "44.6 ± 0.7" in page
+
+
+def test_grouping_splits_a_photo_by_task():
+    """RefCOCO photos carry expressions of several tasks (supercategories): grouping keeps one row per (image,
+    task), each with exactly that task's expressions and boxes, in first-row order."""
+    import datasets
+
+    rows = {"image_id": [7, 7, 3, 7], "task": [0, 1, 0, 0], "expression": ["a", "b", "c", "d"],
+            "target": [[0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4], [0.5, 0.5, 0.6, 0.6], [0.0, 0.0, 0.9, 0.9]]}
+    grouped = group_pairs_by_image(datasets.Dataset.from_dict(rows))
+    got = [(r["image_id"], r["task"], r["captions"], [[round(v, 4) for v in b] for b in r[PAIR_TARGETS]])
+           for r in grouped]
+    assert got == [(7, 0, ["a", "d"], [[0.1, 0.1, 0.2, 0.2], [0.0, 0.0, 0.9, 0.9]]),
+                   (7, 1, ["b"], [[0.3, 0.3, 0.4, 0.4]]),
+                   (3, 0, ["c"], [[0.5, 0.5, 0.6, 0.6]])]

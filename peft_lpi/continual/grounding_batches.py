@@ -26,23 +26,19 @@ PAIR_TARGETS = "targets"  # the column of a grouped row: the target box (xyxy / 
 
 
 def group_pairs_by_image(split: Any) -> Any:
-    """One row per ``image_id`` of a prepared REC split: ``captions`` lists every expression of the image and
-    ``targets`` their boxes (same order); the other columns are the image's first row's. Images keep the order of
-    their first row. A split whose images have one pair each comes back with one-element lists.
-
-    Raises ValueError when the rows of one image disagree on the task (a task is a property of the image here)."""
+    """One row per (``image_id``, ``task``) of a prepared REC split: ``captions`` lists every expression of the
+    image in that task and ``targets`` their boxes (same order); the other columns are the group's first row's.
+    Groups keep the order of their first row. A photo whose expressions fall into several tasks (RefCOCO: the task
+    is the referred object's supercategory) gives one row per task, so every row trains one task's prompts; a
+    split whose images have one pair each comes back with one-element lists."""
     import datasets
 
     ids, tasks = column_values(split, "image_id"), column_values(split, "task")
     expressions, targets = column_values(split, "expression"), column_values(split, "target")
-    groups: dict[int, list[int]] = {}
-    for row, image_id in enumerate(ids):
-        groups.setdefault(int(image_id), []).append(row)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, (image_id, task) in enumerate(zip(ids, tasks)):
+        groups.setdefault((int(image_id), int(task)), []).append(row)
     members = list(groups.values())
-    for rows in members:
-        if len({tasks[r] for r in rows}) > 1:
-            raise ValueError(f"Image {ids[rows[0]]} has pairs of several tasks ({sorted({tasks[r] for r in rows})}); "
-                             "group_pairs_by_image needs one task per image_id.")
     first = split.select([rows[0] for rows in members])
     features = first.features.copy()
     features["captions"] = datasets.Sequence(datasets.Value("string"))
