@@ -32,10 +32,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -63,6 +65,8 @@ from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArgume
 from peft_lpi.data.preprocess import with_pixel_values
 
 OFFLINE = "offline-grounding"
+
+REAL_DATA_EPOCHS = 5  # the reference's grounding epochs per task; with a real --dataset, unless given
 
 # Defaults of the offline run, chosen to fit 5 minutes on 2 CPU cores with the backbone cached (docs/grounding.md).
 OFFLINE_TRAINING_DEFAULTS = dict(
@@ -376,7 +380,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser._option_string_actions["--eval_routing"].help = "Modes to evaluate: zero-shot, oracle, auto."
     parser._option_string_actions["--recall_ks"].help = "Precision@k cut-offs."
     args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    accelerator = Accelerator(mixed_precision=train_args.mixed_precision)
+    if data_args.dataset != OFFLINE:  # the step budget is the offline world's; real data trains by epochs
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        if "--max_steps" not in given:
+            train_args.max_steps = None
+        if "--num_train_epochs" not in given:
+            train_args.num_train_epochs = REAL_DATA_EPOCHS
+    accelerator = Accelerator(
+        mixed_precision=train_args.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))],  # a lost process fails the run
+    )
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
