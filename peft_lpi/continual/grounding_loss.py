@@ -25,11 +25,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..evaluation.grounding import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
-__all__ = ["RECLossOutput", "rec_loss", "select_query_pairs", "rec_predictions", "sigmoid_focal_loss"]
+__all__ = [
+    "RECLossOutput",
+    "global_mean_scale",
+    "owl_rec_terms",
+    "rec_loss",
+    "rec_predictions",
+    "select_query_pairs",
+    "sigmoid_focal_loss",
+]
 
 
 @dataclass
@@ -150,3 +159,25 @@ def rec_predictions(
     scores, index = logits.topk(k, dim=-1)
     boxes = torch.gather(pred_boxes, 1, index[..., None].expand(-1, -1, 4))
     return box_cxcywh_to_xyxy(boxes), scores
+
+
+def global_mean_scale(count: int, device: torch.device) -> float:
+    """The factor that turns a mean over this process's `count` pairs into its share of the mean over every
+    process's pairs (DETR's ``num_boxes`` normalisation). DDP averages gradients over the W processes, so a process
+    returning ``mean * count * W / total`` gives the gradient of the mean over all ``total`` pairs: pairs per
+    process vary when training rows hold every expression of an image. 1.0 without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1.0
+    total = torch.tensor([float(count)], device=device)
+    dist.all_reduce(total)  # every process computes a loss every step, so every process joins
+    return count * dist.get_world_size() / max(total.item(), 1.0)
+
+
+def owl_rec_terms(outputs: object, batch: dict[str, torch.Tensor], rec_kwargs: dict | None = None) -> dict:
+    """OWL's REC loss of a batch (one query per image, or several with ``query_mask``) and its named parts
+    {"rec", "box_l1", "giou", "classification"}, each the mean over ALL processes' pairs (`global_mean_scale`)."""
+    logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes, batch.get("query_mask"))
+    rec = rec_loss(logits.float(), boxes.float(), batch["boxes"].float(), **(rec_kwargs or {}))
+    scale = global_mean_scale(logits.shape[0], logits.device)
+    return {"rec": rec.loss * scale, "box_l1": rec.box_l1 * scale, "giou": rec.giou * scale,
+            "classification": rec.classification * scale}

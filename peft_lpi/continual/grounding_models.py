@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .grounding_loss import rec_loss, select_query_pairs
+from .grounding_loss import owl_rec_terms, select_query_pairs
 
 __all__ = [
     "GroundingDinoFamily",
@@ -142,10 +142,7 @@ class OwlFamily(GroundingFamily):
         return logits, boxes
 
     def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int, rec_kwargs: dict[str, Any]) -> dict:
-        outputs = self.forward(model, batch, task_ids=task)
-        logits, boxes = self.candidates(outputs, batch)
-        rec = rec_loss(logits.float(), boxes.float(), batch["boxes"].float(), **rec_kwargs)
-        return {"rec": rec.loss, "box_l1": rec.box_l1, "giou": rec.giou, "classification": rec.classification}
+        return owl_rec_terms(self.forward(model, batch, task_ids=task), batch, rec_kwargs)
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         features = self.encoder.get_image_features(pixel_values=pixel_values)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ...tuner.config import LPIConfig
 from ..grounding import LPIGroundingMethod, owl_dual_encoder
-from ..grounding_loss import rec_loss, select_query_pairs
+from ..grounding_loss import owl_rec_terms
 from ..grounding_models import OWL_TYPES, grounding_family, grounding_model_type
 from ._common import _as_group
 from .joint import JointMethod
@@ -58,10 +58,8 @@ GROUNDING_LORA_TARGETS = r".*\.self_attn\.(q_proj|v_proj)"  # both OWL towers' a
 
 def rec_terms(outputs: Any, batch: dict[str, torch.Tensor], rec_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """OWL's REC loss of a batch (one or several queries per image, ``query_mask``) and its named parts."""
-    logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes, batch.get("query_mask"))
-    rec = rec_loss(logits.float(), boxes.float(), batch["boxes"].float(), **rec_kwargs)
-    return {"loss": rec.loss, "rec": rec.loss, "box_l1": rec.box_l1, "giou": rec.giou,
-            "classification": rec.classification}
+    terms = owl_rec_terms(outputs, batch, rec_kwargs)
+    return {"loss": terms["rec"], **terms}
 
 
 class GroundingSharedPromptMethod(SharedPromptMethod, LPIGroundingMethod):
