@@ -6,13 +6,15 @@ import json
 import logging
 import pickle
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from peft_lpi.continual.grounding import prepare_grounding_dataset
 from peft_lpi.data.coco import COCO_TASK_ORDER
-from peft_lpi.data.grounding import GroundingDataError, as_grounding_dataset
+from peft_lpi.data.grounding import GroundingDataError, as_grounding_dataset, grounding_features
 from peft_lpi.data.refcoco import build_refcoco_mdetr, build_refcoco_refer
 
 CATEGORIES = [
@@ -246,3 +248,32 @@ def test_adapter_from_any_dataset(caplog: pytest.LogCaptureFixture) -> None:
         )
     with pytest.raises(ValueError, match="no column"):
         as_grounding_dataset(source)
+
+
+def test_prepare_grounding_dataset_reads_sizes_from_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targets are box / image size, with sizes from the file headers: no pixel is decoded (on full COCO, decoding
+    every image only for its size costs minutes). Images of two sizes, from paths and from bytes."""
+    sizes = [(40, 30), (64, 16)]
+    paths = []
+    for i, size in enumerate(sizes):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", size, "red").save(paths[-1])
+    rows = {"image": paths, "expression": ["a", "b"], "box": [[4.0, 3.0, 20.0, 15.0], [8.0, 2.0, 32.0, 16.0]],
+            "task": [0, 1], "image_id": [0, 1]}
+    by_path = datasets.Dataset.from_dict(rows, features=grounding_features(["t0", "t1"]))
+    by_bytes = by_path.cast_column("image", datasets.Image(decode=False)).map(
+        lambda row: {"image": {"bytes": Path(row["image"]["path"]).read_bytes(), "path": None}}
+    ).cast_column("image", datasets.Image())
+
+    def no_decoding(self: Any) -> None:
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    out = prepare_grounding_dataset(datasets.DatasetDict({"train": by_path, "validation": by_bytes}))
+    monkeypatch.undo()
+    expected = [[box[0] / w, box[1] / h, box[2] / w, box[3] / h] for box, (w, h) in zip(rows["box"], sizes)]
+    for split in ("train", "validation"):
+        assert [value for box in out[split]["target"] for value in box] == pytest.approx(sum(expected, []))
+        assert out[split]["captions"] == [["a"], ["b"]]
+        assert isinstance(out[split].features["image"], datasets.Image) and out[split].features["image"].decode
+        assert out[split][1]["image"].size == sizes[1]  # the image column still decodes afterwards

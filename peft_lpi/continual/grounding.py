@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.preprocess import PIXEL_VALUES, _to_rgb, column_values
+from ..data.preprocess import PIXEL_VALUES, _to_rgb, column_values, image_size
 from ..evaluation import stage_metrics
 from ..evaluation.grounding import box_xyxy_to_cxcywh, rec_precision
 from ..tuner.routing import routing_accuracy
@@ -70,21 +70,27 @@ def owl_dual_encoder(model: nn.Module) -> nn.Module:
 
 
 def prepare_grounding_dataset(data: Any) -> Any:
-    """Add ``captions`` (``[expression]``) and ``target`` (xyxy box / image size) to every split of a REC dataset."""
+    """Add ``captions`` (``[expression]``) and ``target`` (xyxy box / image size) to every split of a REC dataset.
+
+    Image sizes come from the file headers (`image_size`); no image is decoded here."""
     import datasets
 
     def add(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         targets = []
         for image, box in zip(batch["image"], batch["box"]):
-            width, height = _to_rgb(image).size
+            width, height = image_size(image)
             targets.append([box[0] / width, box[1] / height, box[2] / width, box[3] / height])
         return {"captions": [[e] for e in batch["expression"]], "target": targets}
 
     def one(split: datasets.Dataset) -> datasets.Dataset:
+        image_feature = split.features["image"]
+        if isinstance(image_feature, datasets.Image):  # rows give {"path", "bytes"}: sizes from the file headers
+            split = split.cast_column("image", datasets.Image(decode=False))
         features = split.features.copy()
         features["captions"] = datasets.Sequence(datasets.Value("string"))
         features["target"] = datasets.Sequence(datasets.Value("float32"), length=4)
-        return split.map(add, batched=True, features=features, desc="grounding targets")
+        split = split.map(add, batched=True, features=features, desc="grounding targets")
+        return split.cast_column("image", image_feature) if isinstance(image_feature, datasets.Image) else split
 
     return datasets.DatasetDict({name: one(split) for name, split in data.items()})
 
