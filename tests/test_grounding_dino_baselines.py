@@ -93,7 +93,8 @@ def test_example_runs_the_baseline_on_grounding_dino(parts, tmp_path, name):
             "--val_per_task", "2", "--max_steps", "1", "--per_device_train_batch_size", "4", "--prompt_length", "2",
             "--prompt_depth", "2", "--rank", "2", "--num_keys", "2", "--output_dir", str(tmp_path / name),
             "--disable_tqdm", "true"]
-    results = _load_example().main(argv)
+    example = _load_example()
+    results = example.main(argv)
     assert results["method"] == name and (tmp_path / name / "results.json").is_file()
     modes = {"shared-prompt": {"zero-shot", "oracle"}}.get(name, {"zero-shot", "oracle", "auto"})
     assert set(results["grounding"]) == modes
@@ -102,6 +103,8 @@ def test_example_runs_the_baseline_on_grounding_dino(parts, tmp_path, name):
         assert len(final) == 2 and all(v is not None and math.isfinite(v) for v in final), (mode, final)
     if name != "lora":
         assert {c["injection"] for c in results["peft_config"].values()} == {"additive"}
+    resumed = example.main(argv + ["--resume_from_checkpoint", "true"])  # every stage done: the checkpoint reloads
+    assert resumed["grounding"] == results["grounding"]
 
 
 # --------------------------------------------------------------------------------------------------- shared prompt
