@@ -110,8 +110,11 @@ class GroundingArguments:
     lora_rank: int | None = field(
         default=None, metadata={"help": "--method lora: LoRA rank (default: the rank matching LPI's parameters)."}
     )
-    lora_target_modules: str = field(
-        default=GROUNDING_LORA_TARGETS, metadata={"help": "--method lora: PEFT target_modules regex."}
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "--method lora: PEFT target_modules regex (default: the attention query / value "
+                  f"projections of both towers; OWL: {GROUNDING_LORA_TARGETS!r}, Grounding DINO: the Swin backbone's "
+                  "and BERT's)."},
     )
     max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks."})
     prompt_length: int = field(default=8, metadata={"help": "LPI prompt length P."})

@@ -98,7 +98,8 @@ def prepare_grounding_dataset(data: Any) -> Any:
 class GroundingCollator:
     """Rows -> ``pixel_values`` (B, 3, H, W) (and ``pixel_mask`` when the image processor pads, as Grounding DINO's
     does), ``input_ids`` / ``attention_mask`` (one expression per image: OWL's query rows), ``boxes`` (B, 4) cxcywh
-    normalised (the loss) and ``target`` (B, 4) xyxy normalised (the metric).
+    normalised (the loss), ``target`` (B, 4) xyxy normalised (the metric) and, when the rows carry one, ``task``
+    (B,) each image's task (the joint baseline's per-image prompts).
 
     `text_format` rewrites each expression for the detector's tokenizer (Grounding DINO: ``"the red mug."``) and
     `min_length` pads the token batch to at least that many positions (additive text prompts need P + 1);
@@ -139,13 +140,16 @@ class GroundingCollator:
             input_ids = torch.nn.functional.pad(input_ids, (0, short), value=self.tokenizer.pad_token_id)
             attention_mask = torch.nn.functional.pad(attention_mask, (0, short), value=0)
         target = torch.tensor([list(row["target"]) for row in rows], dtype=torch.float32)
-        return {
+        batch = {
             **self.images(rows),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "boxes": box_xyxy_to_cxcywh(target),
             "target": target,
         }
+        if rows and "task" in rows[0]:
+            batch["task"] = torch.tensor([int(row["task"]) for row in rows], dtype=torch.long)
+        return batch
 
 
 def grounding_collator(model: nn.Module, image_processor: Any, tokenizer: Any) -> GroundingCollator:

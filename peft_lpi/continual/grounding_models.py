@@ -113,9 +113,12 @@ class GroundingFamily:
         """Scores (B, N) and cxcywh boxes (B, N, 4) of the N candidates of each (image, expression) pair."""
         raise NotImplementedError
 
-    def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int, rec_kwargs: dict[str, Any]) -> dict:
+    def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int | torch.Tensor | None,
+                  rec_kwargs: dict[str, Any]) -> dict:
         """The family's grounding loss of a batch with task `task`'s prompts: {"rec", "box_l1", "giou",
-        "classification"} (+ family extras), each a scalar tensor."""
+        "classification"} (+ family extras), each a scalar tensor. `task` is passed on as the forward's ``task_ids``:
+        one task, a (B,) tensor of each image's task (the joint baseline's mixed batches), or None (no task ids: a
+        model without LPI prompts, e.g. the LoRA baseline's active adapter)."""
         raise NotImplementedError
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,7 +144,8 @@ class OwlFamily(GroundingFamily):
         logits, boxes, _ = select_query_pairs(outputs.logits, outputs.pred_boxes, batch.get("query_mask"))
         return logits, boxes
 
-    def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int, rec_kwargs: dict[str, Any]) -> dict:
+    def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int | torch.Tensor | None,
+                  rec_kwargs: dict[str, Any]) -> dict:
         return owl_rec_terms(self.forward(model, batch, task_ids=task), batch, rec_kwargs)
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,7 +219,8 @@ class GroundingDinoFamily(GroundingFamily):
         scores = logits.masked_fill(~phrase[:, None, :], torch.finfo(logits.dtype).min).amax(-1)
         return scores, outputs.pred_boxes
 
-    def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int, rec_kwargs: dict[str, Any]) -> dict:
+    def rec_terms(self, model: nn.Module, batch: dict[str, Any], task: int | torch.Tensor | None,
+                  rec_kwargs: dict[str, Any]) -> dict:
         if rec_kwargs:
             raise ValueError(
                 f"rec_kwargs {sorted(rec_kwargs)} apply to OWL's rec_loss only: Grounding DINO trains with its own "
