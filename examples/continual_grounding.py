@@ -1,4 +1,4 @@
-"""Continual referring-expression grounding (REC) with LPI on an OWL-ViT detector.
+"""Continual referring-expression grounding (REC) with LPI on an OWL-ViT / OWLv2 or Grounding DINO detector.
 
 With no arguments it runs offline: the grounding world (scenes of world objects, one expression and its exact box per
 scene, 6 tasks) and the project's small OWL-ViT grounding backbone, pretrained once and cached (nothing is
