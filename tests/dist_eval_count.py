@@ -72,6 +72,10 @@ def main() -> None:
             "routing": entry["auto"]["routing"], "recall": entry["oracle"]["strict"]["macro"],
             "auto_recall": entry["auto"]["strict"]["macro"],
         }))
+    # every process leaves the process group before exiting: gloo threads torn down at interpreter exit can abort
+    # a child ("terminate called without an active exception"), seen once on a loaded machine
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
