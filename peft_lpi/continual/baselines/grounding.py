@@ -87,11 +87,11 @@ def grounding_lora_targets(model: nn.Module) -> str:
 
 def rec_terms(outputs: Any, batch: dict[str, torch.Tensor], rec_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """OWL's REC loss of a batch (one or several queries per image, ``query_mask``) and its named parts."""
-    terms = owl_rec_terms(outputs, batch, rec_kwargs)
-    return {"loss": terms["rec"], **terms}
+    return _with_loss(owl_rec_terms(outputs, batch, rec_kwargs))
 
 
 def _with_loss(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A family's grounding terms with ``loss`` = the grounding loss (what a baseline without prompt terms trains)."""
     return {"loss": terms["rec"], **terms}
 
 
