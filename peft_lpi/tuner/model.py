@@ -58,7 +58,7 @@ class LPIModel(TrainabilityMixin, TaskRoutingMixin, TaskFilesMixin, BaseTuner):
     This class holds injection, PEFT's adapter management (set/delete/unload/merge refusal) and the task selection
     the wrapped layers read; three mixins hold the rest, one job each: `TrainabilityMixin` (which factors train),
     `TaskRoutingMixin` (keys, "auto" routing, per-call `task_ids`) and `TaskFilesMixin` (one task as a file). It
-    stays near 380 lines because PEFT's `BaseTuner` surface it must override (inject_adapter, set_adapter,
+    stays near 400 lines because PEFT's `BaseTuner` surface it must override (inject_adapter, set_adapter,
     delete_adapter, _enable_adapter_layers, _unload_and_optionally_merge, state-dict remapping, forward hooks) is
     one contract and reads best in one place, as in PEFT's own `LoraModel`.
     """
