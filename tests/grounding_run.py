@@ -2,13 +2,14 @@
 fault tests, and run as a script by the ones that need other processes.
 
 Builders: `tiny_owl_folder` (a 2+2-layer OWL-ViT with the grounding world's tokenizer and image processor, saved
-like a Hub checkpoint), `write_mdetr_split` (a RefCOCO-style MDETR annotation file and small PNG images),
+like a Hub checkpoint), `tiny_gdino_folder` (the tiny Grounding DINO of test_grounding_dino.py, likewise), `write_mdetr_split` (a RefCOCO-style MDETR annotation file and small PNG images),
 `load_example` and `tiny_argv` (the example's flags for a run of seconds).
 
 As a script (one torch thread, no plots):
 
-- `python tests/grounding_run.py run OWL OUTPUT_DIR BATCH_SIZE EXPECTED_PROCESSES` runs the example on the offline
-  world (2 tasks); under `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2` it is the 2-process run.
+- `python tests/grounding_run.py run MODEL OUTPUT_DIR BATCH_SIZE EXPECTED_PROCESSES [EXAMPLE FLAGS...]` runs the
+  example on the offline world (2 tasks) with the detector folder MODEL (`tiny_owl_folder`, `tiny_gdino_folder`);
+  under `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2` it is the 2-process run.
 - `python tests/grounding_run.py kill OWL OUTPUT_DIR MARKER PAUSE_AT` runs it with a checkpoint after every optimiser
   step; once the checkpoint of optimiser step PAUSE_AT of task 1 is on disk it writes MARKER and blocks inside the
   next training step, so the parent kills it (SIGKILL) in the middle of task 1.
@@ -57,6 +58,20 @@ def tiny_owl_folder(path: Path) -> Path:
     owl.save_pretrained(path)
     tokenizer.save_pretrained(path)
     grounding_image_processor([0.2, 0.2, 0.2], [0.3, 0.3, 0.3]).save_pretrained(path)
+    return path
+
+
+def tiny_gdino_folder(path: Path) -> Path:
+    """The tiny Grounding DINO (Swin + BERT) of tests/test_grounding_dino.py with its BERT tokenizer and a 64 px image
+    processor, saved to `path` like a Hub checkpoint (random weights from seed 0)."""
+    from test_grounding_dino import tiny_bert_tokenizer, tiny_gdino
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+
+    tokenizer = tiny_bert_tokenizer()
+    tiny_gdino(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GroundingDinoImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.2, 0.2, 0.2],
+                                   image_std=[0.3, 0.3, 0.3]).save_pretrained(path)
     return path
 
 
@@ -131,9 +146,9 @@ def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output_dir / "checkpoint" / "adapter_model.safetensors"))
 
 
-def run(owl: str, output_dir: str, batch_size: int, expected: int) -> None:
+def run(owl: str, output_dir: str, batch_size: int, expected: int, extra: list[str] | None = None) -> None:
     no_plots()
-    results = load_example().main(offline_world_argv(Path(owl), Path(output_dir), batch_size))
+    results = load_example().main(offline_world_argv(Path(owl), Path(output_dir), batch_size) + list(extra or []))
     if results["num_processes"] != expected:  # every wrong launcher combination exits 0 otherwise
         raise SystemExit(f"expected {expected} processes, got {results['num_processes']}")
 
@@ -167,7 +182,7 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     if sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        run(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:])
     elif sys.argv[1] == "kill":
         run_until_killed(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:

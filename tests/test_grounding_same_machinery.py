@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from grounding_run import adapter_tensors, load_example, offline_world_argv, tiny_owl_folder
+from grounding_run import adapter_tensors, load_example, offline_world_argv, tiny_gdino_folder, tiny_owl_folder
 from helpers import run_command
 
 SCRIPT = Path(__file__).with_name("grounding_run.py")
@@ -61,6 +61,40 @@ def test_two_processes_match_one_process(tmp_path):
     # the comparison has something to compare: some hits and a routing that is not trivially perfect or zero
     assert any(v for block in one["grounding"].values() for row in block["matrices"]["P@5"] for v in row if v)
     assert 0 < one["grounding"]["auto"]["routing_accuracy"][-1] < 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lpi", "lora"])
+def test_grounding_dino_two_processes_match_one_process(tmp_path, method):
+    """The same check on Grounding DINO (additive prompts in Swin, its own matcher-based loss, one expression per
+    image), for LPI and for the per-task LoRA baseline: the trained parameters and every precision figure agree."""
+    gdino = tiny_gdino_folder(tmp_path / "gdino")
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    flags = ["--method", method]
+    run_command([sys.executable, str(SCRIPT), "run", str(gdino), str(tmp_path / "one"), "8", "1", *flags], env)
+    run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+                 "run", str(gdino), str(tmp_path / "two"), "4", "2", *flags], env)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one["num_processes"] == 1 and two["num_processes"] == 2 and one["method"] == two["method"] == method
+    trained_one, trained_two = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "two")
+    assert_same_adapter(trained_two, trained_one, atol=1e-5, skip_keys=True)
+    # training moved parameters that start at zero (LPI: the correlation LayerNorms' biases; LoRA: the B matrices)
+    started_at_zero = [v for k, v in trained_one.items() if k.endswith(("norm.bias", "lora_B.weight"))]
+    assert started_at_zero and any(bool(v.any()) for v in started_at_zero), "nothing trained"
+    assert_same_grounding(two["grounding"], one["grounding"])
+
+
+def checkpoint_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a finished run's last checkpoint but the routing keys, named by file and key (LPI: one adapter
+    file; per-task LoRA: one adapter folder per task)."""
+    from safetensors.torch import load_file
+
+    root = output_dir / "checkpoint"
+    files = sorted(p for p in root.rglob("*.safetensors") if p.name != "keys.safetensors" and "accelerate" not in p.parts)
+    assert files, f"no safetensors under {root}"
+    return {f"{p.relative_to(root)}:{k}": v for p in files for k, v in load_file(str(p)).items()}
 
 
 def _run_in_process(argv: list[str]) -> dict:
