@@ -127,6 +127,15 @@ class GroundingFamily:
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def tower_features(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 features of one tower ("vision" / "text") from a collated batch: `image_features` or
+        `text_features` of the model as it is (the caller switches prompts or adapters off for the keys)."""
+        if modality == "vision":
+            features = self.image_features(inputs["pixel_values"], inputs.get("pixel_mask"))
+        else:
+            features = self.text_features(inputs["input_ids"], inputs.get("attention_mask"))
+        return features.float()
+
 
 class OwlFamily(GroundingFamily):
     """OWL-ViT / OWLv2: patches are the candidates, `rec_loss` the loss, the CLIP-like towers the features."""

@@ -50,14 +50,20 @@ def text_token_limit(model: Any, tokenizer: Any) -> int | None:
     return min(limits) if limits else None
 
 
-def image_size(image: Any) -> tuple[int, int]:
-    """``(width, height)`` of a PIL image, a path or a datasets ``{"path", "bytes"}`` dict, read from the file header
-    (PIL opens lazily: no pixel is decoded), so sizing a COCO-scale dataset takes seconds, not minutes."""
-    if isinstance(image, Image.Image):
-        return image.size
+def _open_image(image: Any) -> Image.Image:
+    """A PIL image from a PIL image, a path or a datasets ``{"path", "bytes"}`` dict (opened lazily: PIL reads the
+    header now and decodes the pixels on first access)."""
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    with Image.open(image) as opened:
+    return image if isinstance(image, Image.Image) else Image.open(image)
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """``(width, height)`` of a PIL image, a path or a datasets ``{"path", "bytes"}`` dict, read from the file header
+    (no pixel is decoded), so sizing a COCO-scale dataset takes seconds, not minutes."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with _open_image(image) as opened:  # closes the file it opened
         return opened.size
 
 
@@ -67,10 +73,7 @@ def _to_rgb(image: Any) -> Image.Image:
     Images with transparency (RGBA, LA, palette or greyscale with a transparent colour) are composited over white,
     so transparent pixels do not show whatever colour they happen to store; other modes use PIL's conversion.
     """
-    if isinstance(image, dict):
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
+    image = _open_image(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:

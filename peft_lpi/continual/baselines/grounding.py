@@ -158,11 +158,7 @@ class GroundingLoRAMethod(LoRAMethod):
         if tasks is not None and not isinstance(tasks, str):
             raise ValueError("GroundingLoRAMethod.encode gives prompt-free features only (tasks=None or 'auto').")
         with self.model.disable_adapter():
-            if modality == "vision":
-                features = self.family.image_features(inputs["pixel_values"], inputs.get("pixel_mask"))
-            else:
-                features = self.family.text_features(inputs["input_ids"], inputs.get("attention_mask"))
-        features = features.float()
+            features = self.family.tower_features(modality, inputs)
         return features, (self.route(modality, features) if tasks == "auto" else None)
 
     @torch.no_grad()
