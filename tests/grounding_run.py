@@ -1,8 +1,9 @@
 """Tiny continual grounding runs of examples/continual_grounding.py, shared by the grounding CLI, distributed and
 fault tests, and run as a script by the ones that need other processes.
 
-Builders: `tiny_owl_folder` (a 2+2-layer OWL-ViT with the grounding world's tokenizer and image processor, saved
-like a Hub checkpoint), `tiny_gdino_folder` (the tiny Grounding DINO of test_grounding_dino.py, likewise), `write_mdetr_split` (a RefCOCO-style MDETR annotation file and small PNG images),
+Builders: `tiny_owl` (a 2+2-layer OWL-ViT), `save_detector_folder`, `tiny_owl_folder` (`tiny_owl` with the grounding
+world's tokenizer and image processor, saved like a Hub checkpoint), `tiny_gdino_folder` (the tiny Grounding DINO of
+test_grounding_dino.py, likewise), `checkpoint_tensors` (a finished run's adapter tensors), `write_mdetr_split` (a RefCOCO-style MDETR annotation file and small PNG images),
 `load_example` and `tiny_argv` (the example's flags for a run of seconds).
 
 As a script (one torch thread, no plots):
@@ -36,18 +37,13 @@ CATEGORIES = {
 IMAGE_SIZE = (80, 60)
 
 
-def tiny_owl_folder(path: Path) -> Path:
-    """A tiny OWL-ViT (2+2 layers, width 32, 64 px images, patch 16) with the grounding world's tokenizer and image
-    processor, saved to `path` (random weights from seed 0, detection heads initialised as the backbone does)."""
+def tiny_owl(tokenizer: Any) -> Any:
+    """A tiny OWL-ViT (2+2 layers, width 32, 64 px images, patch 16) for the grounding world's `tokenizer` (random
+    weights from seed 0, detection heads initialised as the backbone does)."""
     from transformers import OwlViTConfig, OwlViTForObjectDetection
 
-    from peft_lpi.data.grounding_backbone import (
-        build_grounding_tokenizer,
-        grounding_image_processor,
-        init_detection_heads,
-    )
+    from peft_lpi.data.grounding_backbone import init_detection_heads
 
-    tokenizer = build_grounding_tokenizer()
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     text = dict(small, vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -55,24 +51,33 @@ def tiny_owl_folder(path: Path) -> Path:
     owl = OwlViTForObjectDetection(OwlViTConfig(text_config=text, projection_dim=32,
                                                 vision_config=dict(small, image_size=64, patch_size=16)))
     init_detection_heads(owl)
-    owl.save_pretrained(path)
+    return owl
+
+
+def save_detector_folder(path: Path, model: Any, tokenizer: Any, image_processor: Any) -> Path:
+    """`path` laid out like a Hub checkpoint of the detector: weights, tokenizer and image processor."""
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    grounding_image_processor([0.2, 0.2, 0.2], [0.3, 0.3, 0.3]).save_pretrained(path)
+    image_processor.save_pretrained(path)
     return path
+
+
+def tiny_owl_folder(path: Path) -> Path:
+    """`tiny_owl` with the grounding world's tokenizer and image processor, saved to `path`."""
+    from peft_lpi.data.grounding_backbone import build_grounding_tokenizer, grounding_image_processor
+
+    tokenizer = build_grounding_tokenizer()
+    return save_detector_folder(path, tiny_owl(tokenizer), tokenizer,
+                                grounding_image_processor([0.2, 0.2, 0.2], [0.3, 0.3, 0.3]))
 
 
 def tiny_gdino_folder(path: Path) -> Path:
-    """The tiny Grounding DINO (Swin + BERT) of tests/test_grounding_dino.py with its BERT tokenizer and a 64 px image
-    processor, saved to `path` like a Hub checkpoint (random weights from seed 0)."""
-    from test_grounding_dino import tiny_bert_tokenizer, tiny_gdino
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+    """The tiny Grounding DINO (Swin + BERT) of tests/test_grounding_dino.py with its BERT tokenizer and 64 px image
+    processor, saved to `path`."""
+    from test_grounding_dino import tiny_bert_tokenizer, tiny_gdino, tiny_gdino_processor
 
     tokenizer = tiny_bert_tokenizer()
-    tiny_gdino(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    GroundingDinoImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.2, 0.2, 0.2],
-                                   image_std=[0.3, 0.3, 0.3]).save_pretrained(path)
-    return path
+    return save_detector_folder(path, tiny_gdino(tokenizer), tokenizer, tiny_gdino_processor())
 
 
 def write_images(image_dir: Path, count: int) -> list[str]:
@@ -139,11 +144,15 @@ def no_plots() -> None:
     peft_lpi.report.plot_grounding_results = lambda *args, **kwargs: []
 
 
-def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
-    """The adapter of a finished run (its last checkpoint: every task's factors and keys)."""
+def checkpoint_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of a run's last checkpoint, named by file and key (LPI: one adapter file with every
+    task's factors and keys; per-task LoRA: one adapter folder per task, its routing keys in keys.safetensors)."""
     from safetensors.torch import load_file
 
-    return load_file(str(output_dir / "checkpoint" / "adapter_model.safetensors"))
+    root = output_dir / "checkpoint"
+    files = sorted(root.rglob("*.safetensors"))
+    assert files, f"no safetensors under {root}"
+    return {f"{p.relative_to(root)}:{k}": v for p in files for k, v in load_file(str(p)).items()}
 
 
 def run(owl: str, output_dir: str, batch_size: int, expected: int, extra: list[str] | None = None) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +292,24 @@ def run_command(command: list[str], env: dict[str, str], timeout: float = 240) -
         process.communicate()
         pytest.fail(f"{command} timed out")
     assert process.returncode == 0, output.decode()[-4000:]
+
+
+def sigkill_at_marker(child: subprocess.Popen, marker: Path, log: Path, deadline_s: float) -> None:
+    """Wait until `child` (started with ``start_new_session=True``) writes `marker`, then SIGKILL its process group;
+    fail with the tail of its `log` if it ends first or `deadline_s` passes."""
+    deadline = time.monotonic() + deadline_s
+    while not marker.exists():
+        if child.poll() is not None:
+            pytest.fail(f"the child ended (rc {child.returncode}) before the marker:\n" + log.read_text()[-3000:])
+        if time.monotonic() > deadline:
+            pytest.fail("the child did not reach the marker in time")
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+
+
+def kill_group_if_running(child: subprocess.Popen) -> None:
+    """SIGKILL `child`'s process group if it still runs (a test's cleanup after a failure)."""
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)

@@ -3,16 +3,13 @@ training that touches only the current task's factors. Tiny OWL-ViT from a confi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from grounding_run import load_example, save_detector_folder, tiny_owl
 from peft import get_peft_model
-from transformers import OwlViTConfig, OwlViTForObjectDetection
 
 import peft_lpi  # noqa: F401
 from peft_lpi import LPIConfig
@@ -24,23 +21,9 @@ from peft_lpi.continual.grounding import (
     prepare_grounding_dataset,
 )
 from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArguments
-from peft_lpi.data.grounding_backbone import build_grounding_tokenizer, grounding_image_processor, init_detection_heads
+from peft_lpi.data.grounding_backbone import build_grounding_tokenizer, grounding_image_processor
 from peft_lpi.data.grounding_world import GROUNDING_TASKS, build_grounding_benchmark
 from peft_lpi.data.preprocess import with_pixel_values
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_owl(tokenizer) -> OwlViTForObjectDetection:
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    text = dict(small, vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    owl = OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=dict(small, image_size=64,
-                                                                                     patch_size=16),
-                                                projection_dim=32))
-    init_detection_heads(owl)
-    return owl
 
 
 @pytest.fixture(scope="module")
@@ -148,21 +131,11 @@ def test_training_changes_only_the_current_tasks_factors(parts, tmp_path):
     assert all(".tasks.1." in n for n in changed), sorted(changed)[:5]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("continual_grounding", ROOT / "examples" / "continual_grounding.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_end_to_end_and_resume(parts, tmp_path):
     tokenizer, processor, _ = parts
     backbone = tmp_path / "owl"
-    tiny_owl(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    processor.save_pretrained(backbone)
-    example = _load_example()
+    save_detector_folder(backbone, tiny_owl(tokenizer), tokenizer, processor)
+    example = load_example()
     argv = ["--model", str(backbone), "--max_tasks", "2", "--train_per_task", "16", "--val_per_task", "6",
             "--max_steps", "2", "--per_device_train_batch_size", "8", "--prompt_length", "2", "--prompt_depth", "2",
             "--rank", "2", "--num_keys", "2", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"]
@@ -189,10 +162,8 @@ def test_example_resumes_after_an_interruption(parts, tmp_path, monkeypatch):
     """A run stopped after stage 0's checkpoint and resumed gives the results of an uninterrupted run."""
     tokenizer, processor, _ = parts
     backbone = tmp_path / "owl"
-    tiny_owl(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    processor.save_pretrained(backbone)
-    example = _load_example()
+    save_detector_folder(backbone, tiny_owl(tokenizer), tokenizer, processor)
+    example = load_example()
     argv = ["--model", str(backbone), "--max_tasks", "2", "--train_per_task", "16", "--val_per_task", "6",
             "--max_steps", "2", "--per_device_train_batch_size", "8", "--prompt_length", "2", "--prompt_depth", "2",
             "--rank", "2", "--num_keys", "2", "--disable_tqdm", "true"]

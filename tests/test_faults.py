@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from fault_run import build_base, build_world, comparable, factors, make_trainer
+from helpers import kill_group_if_running, sigkill_at_marker
 from peft import PeftModel
 
 import peft_lpi.io
@@ -84,20 +84,9 @@ def runs(world, tmp_path_factory):
             second = make_trainer(world, root / "b")
             results_b = second.train()
         torch.set_num_threads(previous)
-        deadline = time.monotonic() + CHILD_DEADLINE_S
-        while not marker.exists():
-            if child.poll() is not None:
-                pytest.fail(f"the child ended (rc {child.returncode}) before the marker:\n"
-                            + (root / "child.log").read_text()[-3000:])
-            if time.monotonic() > deadline:
-                pytest.fail("the child did not reach the marker in time")
-            time.sleep(0.05)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        sigkill_at_marker(child, marker, root / "child.log", CHILD_DEADLINE_S)
     finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=30)
+        kill_group_if_running(child)
     return {
         "a": (results_a, factors(first.model)), "b": (results_b, factors(second.model)),
         "killed": root / "killed", "returncode": child.returncode, "marker": marker.read_text(),

@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
+from grounding_run import load_example, save_detector_folder, tiny_owl
 from peft import get_peft_model
-from test_continual_grounding import _load_example, tiny_owl
 
 import peft_lpi  # noqa: F401
 from peft_lpi import LPIConfig
@@ -143,10 +143,8 @@ def test_example_method_flag_runs_every_baseline(parts, tmp_path):
     is the same in every method's run."""
     tokenizer, processor, _ = parts
     backbone = tmp_path / "owl"
-    tiny_owl(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    processor.save_pretrained(backbone)
-    example = _load_example()
+    save_detector_folder(backbone, tiny_owl(tokenizer), tokenizer, processor)
+    example = load_example()
     zero_shot = {}
     for name in ("lpi", "shared-prompt", "lora", "joint"):
         argv = ["--model", str(backbone), "--method", name, "--max_tasks", "2", "--train_per_task", "8",

@@ -9,16 +9,14 @@ its text into phrases.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
 from accelerate import Accelerator
+from grounding_run import load_example, save_detector_folder
 from peft import get_peft_model
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
@@ -36,7 +34,6 @@ from peft_lpi.continual.trainer import ContinualTrainer, ContinualTrainingArgume
 from peft_lpi.data.grounding_world import GROUNDING_TASKS, build_grounding_benchmark, grounding_words
 from peft_lpi.evaluation.grounding import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
-ROOT = Path(__file__).resolve().parents[1]
 CLS, SEP, DOT, QUESTION, PAD = 101, 102, 1012, 1029, 0
 
 
@@ -75,13 +72,17 @@ def wrap(model, **extra):
     return get_peft_model(model, LPIConfig(**settings))
 
 
+def tiny_gdino_processor() -> GroundingDinoImageProcessorPil:
+    """Grounding DINO's image processor at 64 x 64 (the tiny model's image size)."""
+    return GroundingDinoImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.2, 0.2, 0.2],
+                                          image_std=[0.3, 0.3, 0.3])
+
+
 @pytest.fixture(scope="module")
 def parts():
     tokenizer = tiny_bert_tokenizer()
-    processor = GroundingDinoImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.2, 0.2, 0.2],
-                                               image_std=[0.3, 0.3, 0.3])
     data = prepare_grounding_dataset(build_grounding_benchmark(0, 16, 5, tasks=GROUNDING_TASKS[:2]))
-    return tokenizer, processor, data
+    return tokenizer, tiny_gdino_processor(), data
 
 
 def make_trainer(parts, tmp_path, max_steps=2):
@@ -296,24 +297,14 @@ def test_evaluator_matches_brute_force_and_routes_on_the_image_feature(parts, tm
     )
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("continual_grounding", ROOT / "examples" / "continual_grounding.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_example_end_to_end_with_grounding_dino(parts, tmp_path):
     """examples/continual_grounding.py on a Grounding DINO folder: additive prompts chosen automatically, 2 tasks,
     results and task files written; a task file loaded into a fresh adapter gives that task's boxes back."""
     tokenizer, processor, _ = parts
     backbone = tmp_path / "gdino"
-    tiny_gdino(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    processor.save_pretrained(backbone)
-    example = _load_example()
+    save_detector_folder(backbone, tiny_gdino(tokenizer), tokenizer, processor)
+    example = load_example()
     argv = ["--model", str(backbone), "--max_tasks", "2", "--train_per_task", "16", "--val_per_task", "6",
             "--max_steps", "2", "--per_device_train_batch_size", "8", "--prompt_length", "2", "--prompt_depth", "2",
             "--rank", "2", "--num_keys", "2", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"]

@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+from grounding_run import load_example, save_detector_folder
 from peft import get_peft_model
-from test_grounding_dino import _load_example, tiny_bert_tokenizer, tiny_gdino
+from test_grounding_dino import tiny_bert_tokenizer, tiny_gdino, tiny_gdino_processor
 from torch import nn
-from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
 import peft_lpi  # noqa: F401
 from peft_lpi import LPIConfig
@@ -41,10 +41,8 @@ INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask")
 @pytest.fixture(scope="module")
 def parts():
     tokenizer = tiny_bert_tokenizer()
-    processor = GroundingDinoImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.2, 0.2, 0.2],
-                                               image_std=[0.3, 0.3, 0.3])
     data = prepare_grounding_dataset(build_grounding_benchmark(0, 6, 4, tasks=GROUNDING_TASKS[:2]))
-    return tokenizer, processor, data
+    return tokenizer, tiny_gdino_processor(), data
 
 
 def build(parts, name, **kwargs):
@@ -86,14 +84,12 @@ def test_example_runs_the_baseline_on_grounding_dino(parts, tmp_path, name):
     P@1 for every task in each of the method's modes; the prompt sets are additive."""
     tokenizer, processor, _ = parts
     backbone = tmp_path / "gdino"
-    tiny_gdino(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
-    processor.save_pretrained(backbone)
+    save_detector_folder(backbone, tiny_gdino(tokenizer), tokenizer, processor)
     argv = ["--model", str(backbone), "--method", name, "--max_tasks", "2", "--train_per_task", "4",
             "--val_per_task", "2", "--max_steps", "1", "--per_device_train_batch_size", "4", "--prompt_length", "2",
             "--prompt_depth", "2", "--rank", "2", "--num_keys", "2", "--output_dir", str(tmp_path / name),
             "--disable_tqdm", "true"]
-    example = _load_example()
+    example = load_example()
     results = example.main(argv)
     assert results["method"] == name and (tmp_path / name / "results.json").is_file()
     modes = {"shared-prompt": {"zero-shot", "oracle"}}.get(name, {"zero-shot", "oracle", "auto"})
